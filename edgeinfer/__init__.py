@@ -1,0 +1,1 @@
+"""edgeinfer: run large language models on devices that cannot hold them."""
