@@ -2,7 +2,8 @@
 
 A weight W of shape [N, K] (output rows, input columns, as Hugging Face stores
 nn.Linear) is split along K into blocks of `block_size`. Each block has one
-float32 scale; a value is stored as q = round(w / scale) + 2**(bits-1), the
+float32 scale (chosen per block to minimise squared error, and possibly
+negative); a value is stored as q = round(w / scale) + 2**(bits-1), the
 default zero point MatMulNBits assumes when no zero_points input is given.
 
 Packed layout: uint8 [N, K // block_size, block_size * bits // 8].
@@ -29,13 +30,26 @@ def quantize(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.
     nb = k // block_size
     blocks = np.asarray(w, dtype=np.float32).reshape(n, nb, block_size)
     qmax = 2 ** (bits - 1) - 1
-    amax = np.abs(blocks).max(axis=-1)
-    # Map the block's extreme to the full signed range; the negative end gets
-    # one extra level (-qmax-1), which is unused but keeps the zero point exact.
-    scales = (amax / qmax).astype(np.float32)
-    scales[scales == 0] = 1.0
-    q = np.rint(blocks / scales[..., None])
-    q = np.clip(q, -qmax - 1, qmax).astype(np.int16) + 2 ** (bits - 1)
+    idx = np.abs(blocks).argmax(axis=-1)[..., None]
+    extreme = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
+    extreme[extreme == 0] = 1.0
+    amax = np.abs(extreme)
+    # Search the clipping ratio per block that minimises squared error: at 4 bits
+    # and below, clipping the extremes beats mapping them to the top level.
+    # Candidates also map the extreme onto the extra negative level -(qmax+1)
+    # (a negative scale when the extreme is positive): 2**bits levels, not 2**bits - 1.
+    ratios = (1.0,) if bits == 8 else np.linspace(1.0, 0.6 if bits == 4 else 0.4, 13)
+    candidates = [amax * r / qmax for r in ratios] + [-extreme * r / (qmax + 1) for r in ratios]
+    best_err = np.full(amax.shape, np.inf, dtype=np.float32)
+    scales = np.empty(amax.shape, dtype=np.float32)
+    for s in candidates:
+        s = s.astype(np.float32)
+        q = np.clip(np.rint(blocks / s[..., None]), -qmax - 1, qmax)
+        err = ((q * s[..., None] - blocks) ** 2).sum(axis=-1)
+        better = err < best_err
+        best_err[better] = err[better]
+        scales[better] = s[better]
+    q = np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax).astype(np.int16) + 2 ** (bits - 1)
     return pack(q.astype(np.uint8), bits), scales
 
 

@@ -1,0 +1,4 @@
+"""Optional native helpers, built from C source at first use (see loader.py)."""
+from .loader import load_fastread
+
+__all__ = ["load_fastread"]

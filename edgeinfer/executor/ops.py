@@ -1,0 +1,164 @@
+"""The op table: (domain, op_type) -> a factory that turns one graph node into a
+callable over numpy arrays, backed by the Numba kernels.
+
+A factory gets the node and a `const(name)` lookup for initializers, so weights
+are prepared once at load (reshaped, checked) and the per-token call is a
+straight kernel call. Every callable has the signature fn(state, *inputs).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from onnx import helper
+
+from .. import kernels
+from ..errors import ModelFormatError
+
+OPS: dict[tuple[str, str], callable] = {}
+
+
+def op(domain: str, name: str):
+    def register(factory):
+        OPS[(domain, name)] = factory
+        return factory
+    return register
+
+
+def _need(const, name: str, node) -> np.ndarray:
+    value = const(name)
+    if value is None:
+        raise ModelFormatError(f"node {node.name}: input {name} must be an initializer")
+    return value
+
+
+# ---- standard ops -----------------------------------------------------------------------
+@op("", "Gather")
+def _gather(node, const):
+    if node.attrs.get("axis", 0) != 0:
+        raise ModelFormatError(f"node {node.name}: Gather on axis != 0 is not supported")
+    return lambda state, data, idx: data[idx]
+
+
+@op("", "Cast")
+def _cast(node, const):
+    dtype = helper.tensor_dtype_to_np_dtype(node.attrs["to"])
+    return lambda state, x: x.astype(dtype, copy=False)
+
+
+@op("", "Add")
+def _add(node, const):
+    return lambda state, a, b: a + b
+
+
+@op("", "Mul")
+def _mul(node, const):
+    return lambda state, a, b: a * b
+
+
+@op("", "Relu")
+def _relu(node, const):
+    return lambda state, x: np.maximum(x, 0.0, dtype=np.float32)
+
+
+@op("", "Sigmoid")
+def _sigmoid(node, const):
+    return lambda state, x: (1.0 / (1.0 + np.exp(-x))).astype(np.float32, copy=False)
+
+
+@op("", "LayerNormalization")
+def _layer_norm(node, const):
+    if node.attrs.get("axis", -1) != -1:
+        raise ModelFormatError(f"node {node.name}: LayerNormalization only over the last axis")
+    w, b = _need(const, node.inputs[1], node), _need(const, node.inputs[2], node)
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    return lambda state, x, _w, _b: kernels.layer_norm(x, w, b, eps)
+
+
+# ---- com.microsoft ----------------------------------------------------------------------
+@op("com.microsoft", "MatMulNBits")
+def _matmul_nbits(node, const):
+    if len(node.inputs) > 3 and any(node.inputs[3:]):
+        raise ModelFormatError(f"node {node.name}: MatMulNBits with zero points or bias is not supported")
+    a = node.attrs
+    bits, block, n, k = int(a["bits"]), int(a["block_size"]), int(a["N"]), int(a["K"])
+    packed = _need(const, node.inputs[1], node)
+    nb = -(-k // block)
+    if packed.shape != (n, nb, block * bits // 8):
+        raise ModelFormatError(f"node {node.name}: packed weight shape {packed.shape} does not match N/K/bits")
+    scales = _need(const, node.inputs[2], node).reshape(n, nb)
+    return lambda state, x, _p, _s: kernels.matmul_nbits(x, packed, scales, bits, block)
+
+
+# ---- edgeinfer domain (function bodies in export/functions.py) --------------------------
+@op("edgeinfer", "MatMulF16")
+def _matmul_f16(node, const):
+    w = _need(const, node.inputs[1], node)
+    return lambda state, x, _w: kernels.matmul_f16(x, w)
+
+
+@op("edgeinfer", "GatherNBits")
+def _gather_nbits(node, const):
+    a = node.attrs
+    bits, block = int(a["bits"]), int(a["block_size"])
+    packed = _need(const, node.inputs[0], node)
+    scales = _need(const, node.inputs[1], node).reshape(packed.shape[0], packed.shape[1])
+    return lambda state, _p, _s, ids: kernels.gather_nbits(packed, scales, ids, bits, block)
+
+
+@op("edgeinfer", "RMSNorm")
+def _rms_norm(node, const):
+    w = _need(const, node.inputs[1], node)
+    eps = float(node.attrs["epsilon"])
+    return lambda state, x, _w: kernels.rms_norm(x, w, eps)
+
+
+_PAST = re.compile(r"past_key_values\.(\d+)\.key$")
+
+
+@op("edgeinfer", "Attention")
+def _attention(node, const):
+    """Causal GQA attention over the state's KV cache (the ONNX past/present
+    tensors are that cache: new keys are written in place, nothing is concatenated)."""
+    a = node.attrs
+    H, KVH, D, R = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"]), int(a["rotary_dim"])
+    scale = float(a["scale"])
+    m = _PAST.match(node.inputs[3])
+    if not m:
+        raise ModelFormatError(f"node {node.name}: past_key input must be a graph input past_key_values.N.key")
+    layer = int(m.group(1))
+
+    def run(state, q, k, v, _pk, _pv, cos, sin):
+        s = q.shape[0]
+        q3 = q.reshape(s, H, D)
+        k3 = k.reshape(s, KVH, D)
+        if R:
+            q3 = np.ascontiguousarray(q3)
+            k3 = np.ascontiguousarray(k3)
+            kernels.apply_rotary(q3, cos, sin, R)
+            kernels.apply_rotary(k3, cos, sin, R)
+        kc, vc, start = state.kv.write(layer, k3, v.reshape(s, KVH, D))
+        return kernels.attention(q3, kc, vc, start, scale).reshape(s, H * D)
+
+    return run
+
+
+@op("edgeinfer", "BundledFFN")
+def _bundled_ffn(node, const):
+    """Resident FFN over the whole bundle (streaming replaces this node; see sparsity/)."""
+    from ..kernels.ffn import bundled_ffn
+    from ..sparsity.bundle import BundleLayout
+
+    layout = BundleLayout.from_attrs(node.attrs)
+    records = _need(const, node.inputs[1], node)
+    if records.shape != layout.row_shape:
+        raise ModelFormatError(f"node {node.name}: bundle shape {records.shape} does not match {layout.row_shape}")
+    up_bias = const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
+    down_bias = const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
+    act = node.attrs["activation"]
+
+    def run(state, x, *_):
+        y = bundled_ffn(x, records, layout, act, up_bias=up_bias)
+        return y + down_bias if down_bias is not None else y
+
+    return run

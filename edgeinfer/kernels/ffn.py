@@ -1,0 +1,196 @@
+"""The sparse bundled FFN kernel: y = sum over chosen neurons i of
+act(gate_i . x) * (up_i . x) * down_i, read straight from row-column bundle
+records (edgeinfer/sparsity/bundle.py) — the resident bundle or the neuron
+window's buffer alike. Neurons whose activation is exactly 0 (ReLU) skip the
+down accumulation.
+
+Parallel over chunks of neurons, each chunk with its own accumulator (no write
+conflicts), summed at the end. float16 scales/weights are decoded through a
+65536-entry lookup table.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+import numba
+
+HALF = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(cache=True, inline="always")
+def _act(v, relu):
+    if relu:
+        return v if v > 0.0 else 0.0
+    return v / (1.0 + np.exp(-v))
+
+
+@njit(cache=True, fastmath=True)
+def _q_dot(rec, off, so, xe, xo, xsum, ng, gs, bits, half):
+    """dot(dequantized vector at rec[off:], x) using even/odd split x (4 bits) or x (8 bits)."""
+    zp = 2.0 ** (bits - 1)
+    total = 0.0
+    if bits == 4:
+        hb = gs // 2
+        for k in range(ng):
+            s = half[np.uint32(rec[so + 2 * k]) | (np.uint32(rec[so + 2 * k + 1]) << 8)]
+            acc = 0.0
+            base = off + k * hb
+            xb = k * hb
+            for j in range(hb):
+                byte = rec[base + j]
+                acc += np.float32(byte & 15) * xe[xb + j] + np.float32(byte >> 4) * xo[xb + j]
+            total += s * (acc - zp * xsum[k])
+    else:
+        for k in range(ng):
+            s = half[np.uint32(rec[so + 2 * k]) | (np.uint32(rec[so + 2 * k + 1]) << 8)]
+            acc = 0.0
+            base = off + k * gs
+            xb = k * gs
+            for j in range(gs):
+                acc += np.float32(rec[base + j]) * xe[xb + j]
+            total += s * (acc - zp * xsum[k])
+    return total
+
+
+@njit(cache=True, fastmath=True)
+def _q_axpy(rec, off, so, h, ye, yo, ng, gs, bits, half):
+    """y += h * dequantized vector at rec[off:] (even/odd split y for 4 bits)."""
+    zp = 2.0 ** (bits - 1)
+    if bits == 4:
+        hb = gs // 2
+        for k in range(ng):
+            s = h * half[np.uint32(rec[so + 2 * k]) | (np.uint32(rec[so + 2 * k + 1]) << 8)]
+            base = off + k * hb
+            yb = k * hb
+            for j in range(hb):
+                byte = rec[base + j]
+                ye[yb + j] += s * (np.float32(byte & 15) - zp)
+                yo[yb + j] += s * (np.float32(byte >> 4) - zp)
+    else:
+        for k in range(ng):
+            s = h * half[np.uint32(rec[so + 2 * k]) | (np.uint32(rec[so + 2 * k + 1]) << 8)]
+            base = off + k * gs
+            for j in range(gs):
+                ye[k * gs + j] += s * (np.float32(rec[base + j]) - zp)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _ffn_quant(x, records, rows, nids, up_bias, has_bias, d, qb, ng, gs, so, bits, gated, relu, nchunks, half):
+    M = x.shape[0]
+    m = rows.size
+    # split x once: 4-bit codes pair element 2j (low nibble) with x_even[j], 2j+1 with x_odd[j]
+    if bits == 4:
+        xe = np.ascontiguousarray(x[:, 0::2])
+        xo = np.ascontiguousarray(x[:, 1::2])
+        half_d = d // 2
+    else:
+        xe = x
+        xo = x
+        half_d = d
+    xsum = np.zeros((M, ng), np.float32)
+    for t in range(M):
+        for k in range(ng):
+            s = 0.0
+            for j in range(gs):
+                s += x[t, k * gs + j]
+            xsum[t, k] = s
+    parts = np.zeros((nchunks, M, 2, half_d), np.float32)
+    per = (m + nchunks - 1) // nchunks
+    sstride = 2 * ng
+    for c in prange(nchunks):
+        for ii in range(c * per, min(m, (c + 1) * per)):
+            rec = records[rows[ii]]
+            j = 0
+            for t in range(M):
+                if gated:
+                    g = _q_dot(rec, 0, so, xe[t], xo[t], xsum[t], ng, gs, bits, half)
+                    a = _act(g, relu)
+                    if a == 0.0:
+                        continue
+                    u = _q_dot(rec, qb, so + sstride, xe[t], xo[t], xsum[t], ng, gs, bits, half)
+                    h = a * u
+                    j = 2
+                else:
+                    u = _q_dot(rec, 0, so, xe[t], xo[t], xsum[t], ng, gs, bits, half)
+                    if has_bias:
+                        u += up_bias[nids[ii]]
+                    h = _act(u, relu)
+                    j = 1
+                if h != 0.0:
+                    _q_axpy(rec, j * qb, so + j * sstride, h, parts[c, t, 0], parts[c, t, 1], ng, gs, bits, half)
+    y = np.zeros((M, d), np.float32)
+    for c in range(nchunks):
+        for t in range(M):
+            if bits == 4:
+                for j in range(half_d):
+                    y[t, 2 * j] += parts[c, t, 0, j]
+                    y[t, 2 * j + 1] += parts[c, t, 1, j]
+            else:
+                for j in range(d):
+                    y[t, j] += parts[c, t, 0, j]
+    return y
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _ffn_f16(x, records, rows, nids, up_bias, has_bias, d, gated, relu, nchunks, half):
+    M = x.shape[0]
+    m = rows.size
+    parts = np.zeros((nchunks, M, d), np.float32)
+    per = (m + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        for ii in range(c * per, min(m, (c + 1) * per)):
+            rec = records[rows[ii]]
+            for t in range(M):
+                xt = x[t]
+                if gated:
+                    g = 0.0
+                    for j in range(d):
+                        g += half[rec[j]] * xt[j]
+                    a = _act(g, relu)
+                    if a == 0.0:
+                        continue
+                    u = 0.0
+                    for j in range(d):
+                        u += half[rec[d + j]] * xt[j]
+                    h = a * u
+                    off = 2 * d
+                else:
+                    u = 0.0
+                    for j in range(d):
+                        u += half[rec[j]] * xt[j]
+                    if has_bias:
+                        u += up_bias[nids[ii]]
+                    h = _act(u, relu)
+                    off = d
+                if h != 0.0:
+                    acc = parts[c, t]
+                    for j in range(d):
+                        acc[j] += h * half[rec[off + j]]
+    y = np.zeros((M, d), np.float32)
+    for c in range(nchunks):
+        y += parts[c]
+    return y
+
+
+def bundled_ffn(x: np.ndarray, records: np.ndarray, layout, activation: str, rows: np.ndarray | None = None,
+                neuron_ids: np.ndarray | None = None, up_bias: np.ndarray | None = None) -> np.ndarray:
+    """FFN over the bundle records `records[rows]` (default: all) for x [M, d] float32.
+
+    neuron_ids[i] is the neuron held by records[rows[i]] (for up_bias); defaults to rows.
+    The down bias is not added here (it is per layer, not per neuron).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if rows is None:
+        rows = np.arange(records.shape[0], dtype=np.int64)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    nids = rows if neuron_ids is None else np.ascontiguousarray(neuron_ids, dtype=np.int64)
+    has_bias = up_bias is not None
+    ub = up_bias if has_bias else np.zeros(1, np.float32)
+    relu = activation == "relu"
+    nchunks = max(1, min(numba.get_num_threads() * 4, rows.size // 16 or 1))
+    if layout.bits == 16:
+        recs = records.view(np.uint16)
+        return _ffn_f16(x, recs, rows, nids, ub, has_bias, layout.hidden, layout.gated, relu, nchunks, HALF)
+    return _ffn_quant(x, records, rows, nids, ub, has_bias, layout.hidden, layout.q_bytes, layout.n_groups,
+                      layout.group_size, layout.scale_offset, layout.bits, layout.gated, relu, nchunks, HALF)

@@ -1,0 +1,1 @@
+"""Sparse FFN streaming: row-column bundles, sparsity predictors, the neuron window."""

@@ -1,0 +1,99 @@
+"""`edgeinfer export`: a Hugging Face checkpoint folder -> an edgeinfer model folder."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from edgeinfer import __version__
+from edgeinfer.errors import CheckpointError, EdgeInferError
+from edgeinfer.progress import Progress
+
+from .archs import Weights, arch_module
+from .checkpoint import Checkpoint
+from .config import model_config, read_hf_config
+from .decoder import build_decoder
+from .graph import GraphBuilder
+from .writer import ModelFolderWriter
+
+QUANT_BITS = {"f16": None, "fp16": None, "float16": None, "int8": 8, "int4": 4}
+
+
+def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4", group_size: int = 32,
+           bundle: bool = True, force: bool = False, progress: bool = True) -> Path:
+    """Export checkpoint folder `src` to model folder `out`; returns `out`.
+
+    Every input is checked before the output is touched; the folder appears
+    under its final name only once complete (see writer.py).
+    """
+    src = Path(src)
+    if quant not in QUANT_BITS:
+        raise EdgeInferError(f"unknown --quant {quant!r}; choose one of f16, int8, int4")
+    if group_size not in (16, 32, 64, 128, 256):
+        raise EdgeInferError(f"--group-size must be 16, 32, 64, 128 or 256, not {group_size}")
+    hf = read_hf_config(src)
+    cfg = model_config(hf)
+    arch = arch_module(cfg.family)
+    tokenizer = src / "tokenizer.json"
+    if not tokenizer.exists():
+        raise CheckpointError(f"{src} has no tokenizer.json (edgeinfer needs a Hugging Face fast tokenizer file)")
+    ckpt = Checkpoint(src)
+    bits = QUANT_BITS[quant]
+    for dim, what in ((cfg.hidden_size, "hidden_size"), (cfg.ffn_dim, "ffn_dim"),
+                      (cfg.num_heads * cfg.head_dim, "num_heads*head_dim")):
+        if bits is not None and dim % group_size:
+            raise EdgeInferError(f"{what}={dim} is not a multiple of --group-size {group_size}")
+    writer = ModelFolderWriter(out, force=force)
+    try:
+        b = GraphBuilder(writer, bits=bits, group_size=group_size)
+        weights = Weights(ckpt, arch.TABLE)
+        with Progress(cfg.num_layers, f"export {src.name} ({quant})", enabled=progress) as bar:
+            ffn = getattr(arch, "ffn", None) or (_bundled if bundle else _dense)
+            build_decoder(b, cfg, weights, ffn=ffn, progress=bar)
+        model = b.model(doc=f"{cfg.source_architecture} exported by edgeinfer {__version__}")
+        writer.copy_file(tokenizer, "tokenizer.json")
+        manifest = {
+            "created_by": f"edgeinfer {__version__}",
+            "source": {"folder": src.name, "architecture": cfg.source_architecture,
+                       "dtype": hf.get("dtype") or hf.get("torch_dtype") or ckpt.source_dtype()},
+            "config": cfg.to_dict(),
+            "quantization": {"weights": quant, "group_size": group_size if bits else None,
+                             "embeddings": "f16" if bits is None else "int8",
+                             "scheme": "symmetric, MatMulNBits layout" if bits else "float16",
+                             "relative_error": b.quant_report},
+            "ffn_layout": "bundled" if bundle else "matmul",
+            "tokenizer": "tokenizer.json",
+            "generation": _generation_defaults(src, cfg),
+        }
+        return writer.commit(model, manifest)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _dense(b, cfg, w, i, x, prefix):
+    from . import decoder
+    return decoder.dense_ffn(b, cfg, w, i, x, prefix)
+
+
+def _bundled(b, cfg, w, i, x, prefix):
+    from . import decoder
+    return decoder.bundled_ffn(b, cfg, w, i, x, prefix)
+
+
+def _generation_defaults(src: Path, cfg) -> dict:
+    gen = {"max_context": cfg.max_position_embeddings, "eos_token_ids": list(cfg.eos_token_ids),
+           "bos_token_id": cfg.bos_token_id}
+    path = src / "generation_config.json"
+    if path.exists():
+        try:
+            g = json.loads(path.read_text())
+        except ValueError:
+            g = {}
+        for key in ("temperature", "top_k", "top_p"):
+            if isinstance(g.get(key), (int, float)):
+                gen[key] = g[key]
+        eos = g.get("eos_token_id")
+        if eos is not None:
+            gen["eos_token_ids"] = sorted(set(gen["eos_token_ids"]) | set(eos if isinstance(eos, list) else [eos]))
+    return gen

@@ -1,0 +1,57 @@
+"""Shared fixtures: the trained checkpoints shipped in tests/fixtures, exported
+once per session at each precision."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MODELS = FIXTURES / "models"
+DATA = FIXTURES / "data"
+DENSE = ("opt-relu-7m", "llama-relu-8m")
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """exported(name, quant) -> folder of that checkpoint exported at that precision (cached)."""
+    from export.exporter import export
+
+    root = tmp_path_factory.mktemp("exported")
+    done = {}
+
+    def get(name: str, quant: str = "f16", **kw) -> Path:
+        key = (name, quant, tuple(sorted(kw.items())))
+        if key not in done:
+            tag = "-".join([name, quant] + [f"{k}{v}" for k, v in sorted(kw.items())])
+            done[key] = export(MODELS / name, root / tag, quant=quant, progress=False, **kw)
+        return done[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def wikitext_ids():
+    """The first 20,000 tokens of wikitext2_test.txt (held-out text), fixture tokenizer."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(MODELS / "llama-relu-8m" / "tokenizer.json"))
+    ids = tok.encode((DATA / "wikitext2_test_head.txt").read_text()).ids
+    assert len(ids) >= 20000
+    return ids[:20000]
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """hf_model(name) -> the transformers float32 reference (cached)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            m = transformers.AutoModelForCausalLM.from_pretrained(MODELS / name, dtype=torch.float32)
+            cache[name] = m.eval()
+        return cache[name]
+
+    return get
