@@ -20,7 +20,9 @@ QUANT_BITS = {"f16": None, "fp16": None, "float16": None, "int8": 8, "int4": 4}
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4", group_size: int = 32,
-           bundle: bool = True, force: bool = False, progress: bool = True) -> Path:
+           bundle: bool = True, predictors: bool = False, predictor_rank: int = 64,
+           predictor_recall: float = 0.95, calibration_tokens: int = 16384,
+           force: bool = False, progress: bool = True) -> Path:
     """Export checkpoint folder `src` to model folder `out`; returns `out`.
 
     Every input is checked before the output is touched; the folder appears
@@ -65,6 +67,17 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
             "tokenizer": "tokenizer.json",
             "generation": _generation_defaults(src, cfg),
         }
+        if predictors:
+            if not bundle:
+                raise EdgeInferError("--predictors needs the bundled FFN layout")
+            from .predictors import train_predictors
+            writer.stage(model, manifest)
+            windows = -(-calibration_tokens // 256)
+            with Progress(windows, "train predictors", enabled=progress) as bar:
+                manifest["predictors"] = train_predictors(
+                    writer.tmp, b, rank=predictor_rank, recall=predictor_recall, tokens=calibration_tokens,
+                    progress=bar)
+            model = b.model(doc=f"{cfg.source_architecture} exported by edgeinfer {__version__}")
         return writer.commit(model, manifest)
     except BaseException:
         writer.abort()

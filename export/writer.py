@@ -46,6 +46,10 @@ class WeightFile:
         self.crc = zlib.crc32(b, self.crc)
         self.size += len(b) if isinstance(b, bytes) else b.nbytes
 
+    def flush(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+
     def close(self) -> None:
         if not self._f.closed:
             self._f.flush()
@@ -90,14 +94,18 @@ class ModelFolderWriter:
     def copy_file(self, src: Path, name: str) -> None:
         shutil.copyfile(src, self.tmp / name)
 
-    def commit(self, model: onnx.ModelProto, manifest: dict) -> Path:
+    def stage(self, model: onnx.ModelProto, manifest: dict) -> Path:
+        """Write model.onnx and the manifest into the hidden folder, which can then be
+        loaded (the exporter runs it to train predictors); tensors may still be appended."""
         for wf in self.files.values():
-            wf.close()
+            wf.flush()
         onnx_path = self.tmp / "model.onnx"
         onnx_path.write_bytes(model.SerializeToString())
         onnx.checker.check_model(str(onnx_path), full_check=True)
         files = []
         for p in sorted(self.tmp.iterdir()):
+            if p.name == MANIFEST:
+                continue
             wf = self.files.get(p.name)
             crc = wf.crc if wf is not None else _crc32_path(p)
             files.append({"path": p.name, "size": p.stat().st_size, "crc32": crc})
@@ -107,6 +115,13 @@ class ModelFolderWriter:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        return self.tmp
+
+    def commit(self, model: onnx.ModelProto, manifest: dict) -> Path:
+        """Stage the final files, then move the folder into place."""
+        for wf in self.files.values():
+            wf.close()
+        self.stage(model, manifest)
         old = None
         if self.out.exists():
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"

@@ -95,6 +95,8 @@ class WeightFile:
                  stats: IOStats | None = None, faults: FaultInjector | None = None,
                  retries: int = 3, threads: int = 4, max_gap: int = 0,
                  max_read: int = 1 << 20, native: bool | None = None) -> None:
+        if native is True and faults is not None:
+            raise ValueError("a FaultInjector needs the Python read path: pass native=None")
         if retries < 0 or threads < 1 or max_gap < 0:
             raise ValueError("retries and max_gap must be >= 0, threads >= 1")
         if max_read < ALIGN or max_read % ALIGN:
