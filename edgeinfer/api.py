@@ -4,45 +4,67 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .budget import fmt_bytes, parse_budget
 from .engine.tokenizer import Tokenizer
-from .errors import BudgetError, EdgeInferError
+from .errors import EdgeInferError
 from .executor import Executor, load_graph
 from .manifest import read_manifest
 from .model import Model
+from .plan import RuntimeOptions, make_plan
+from .stats import RuntimeStats
 from .weights import ResidentWeights
 
 DEMO_MODEL = Path(__file__).parent / "demo"
-BACKENDS = ("numba",)
+BACKENDS = ("numba", "ort", "hybrid")
 
 
 def load(path: str | os.PathLike | None = None, *, memory_budget=None, backend: str = "numba",
-         verify: str = "full", threads: int | None = None) -> Model:
+         verify: str = "full", threads: int | None = None, providers=None, device: str | None = None,
+         **options) -> Model:
     """Load a model folder written by `edgeinfer export` (default: the built-in demo model).
 
-    memory_budget: bytes, "300MB", "2GB" or "40%" of the model's weight bytes.
-    verify: "full" checks every weight file's crc32, "sampled" a few tensors, "none" nothing.
+    memory_budget: bytes, "300MB", "2GB" or "40%" of the model's weight bytes; when the
+        model does not fit, FFN neurons / experts stream from flash (see edgeinfer.plan).
+    verify: "full" checks every resident weight file's crc32, "sampled" a few tensors, "none".
+    backend: "numba" (every node a Numba kernel), "ort" (every node in onnxruntime) or
+        "hybrid" (the streamable FFN / MoE nodes in Numba, the rest in onnxruntime); see
+        edgeinfer/executor/partition.py.
+    providers: onnxruntime execution providers for "ort" / "hybrid", preferred first
+        (default: the device profile's, else CPU); a missing one falls back with a warning.
+    device: a device profile name or .toml path (edgeinfer devices): its execution providers
+        and default memory budget become the defaults; None or "cpu": no profile.
+    options: RuntimeOptions fields (mode, window, threshold, direct_io, expert_policy, ...).
     """
     if backend not in BACKENDS:
         raise EdgeInferError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if providers is not None and backend == "numba":
+        raise EdgeInferError("providers choose onnxruntime execution providers: use backend='ort' or 'hybrid'")
+    profile = None
+    if device not in (None, "cpu"):
+        from .devices import load_profile
+        profile = load_profile(device)
+        if memory_budget is None:
+            memory_budget = profile.default_memory_budget
+    opts = options.pop("runtime_options", None) or RuntimeOptions(**options)
     if threads is not None:
         import numba
         numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
     manifest = read_manifest(Path(path) if path is not None else DEMO_MODEL)
-    weight_files = sorted({e.file for e in manifest.tensors.values()})
-    total = sum(manifest.files[f]["size"] for f in weight_files)
-    budget = parse_budget(memory_budget, total)
-    if budget is not None and budget < total:
-        raise BudgetError(f"memory budget {fmt_bytes(budget)} is below the {fmt_bytes(total)} this model needs "
-                          f"resident (minimum {total} bytes)")
     if manifest.tokenizer is None:
         raise EdgeInferError(f"{manifest.folder} has no tokenizer")
     tokenizer = Tokenizer(manifest.path(manifest.tokenizer))
     graph = load_graph(manifest)
-    weights = ResidentWeights(manifest, weight_files, verify=verify)
+    stats = RuntimeStats()
+    plan = make_plan(manifest, graph, memory_budget, opts, stats)
+    weights = ResidentWeights(manifest, plan.resident_files, verify=verify)
 
     def const(name):
         return weights.tensor(name) if weights.has(name) else graph.inline.get(name)
 
-    executor = Executor(graph, const)
-    return Model(manifest, executor, tokenizer, resident_bytes=weights.nbytes)
+    segments = []
+    if backend != "numba":
+        from .executor.ort_backend import build_segments, resolve_providers
+        from .plan import PLUGINS
+        segments = build_segments(graph, manifest, const, backend=backend, plan=plan, threads=threads,
+                                  providers=resolve_providers(providers, profile), numba_ops=PLUGINS)
+    executor = Executor(graph, const, overrides=plan.overrides(const), segments=segments)
+    return Model(manifest, executor, tokenizer, resident_bytes=weights.nbytes, plan=plan, stats=stats)

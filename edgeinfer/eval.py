@@ -1,5 +1,11 @@
 """Perplexity over a token sequence in non-overlapping windows (as the fixtures'
-metrics were measured: windows of 256 tokens)."""
+metrics were measured: windows of 256 tokens).
+
+stepwise=True feeds each window one token at a time through the KV cache, as
+generation does: streaming predictors then choose neurons per token, which a
+256-token prefill (whose union of active neurons is nearly the whole FFN) would
+hide.
+"""
 from __future__ import annotations
 
 import math
@@ -7,7 +13,14 @@ import math
 import numpy as np
 
 
-def perplexity(model, ids, window: int = 256) -> float:
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return float(-logp[np.arange(targets.size), targets].sum())
+
+
+def perplexity(model, ids, window: int = 256, *, stepwise: bool = False) -> float:
     ids = np.asarray(ids, dtype=np.int64)
     window = min(window, model.max_context)
     nll, count = 0.0, 0
@@ -15,9 +28,11 @@ def perplexity(model, ids, window: int = 256) -> float:
         chunk = ids[start:start + window]
         if chunk.size < 2:
             break
-        logits = model.logits(chunk).astype(np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        nll -= logp[np.arange(chunk.size - 1), chunk[1:]].sum()
+        if stepwise:
+            cache = model.new_cache()
+            logits = np.stack([model.forward(chunk[i:i + 1], cache)[-1] for i in range(chunk.size - 1)])
+        else:
+            logits = model.logits(chunk)[:-1]
+        nll += _nll(logits, chunk[1:])
         count += chunk.size - 1
     return math.exp(nll / count)

@@ -19,17 +19,29 @@ class Model:
     cache, so several threads may generate on one Model at once; weights are shared
     read-only."""
 
-    def __init__(self, manifest: Manifest, executor: Executor, tokenizer: Tokenizer, *, resident_bytes: int):
+    def __init__(self, manifest: Manifest, executor: Executor, tokenizer: Tokenizer, *, resident_bytes: int,
+                 plan=None, stats=None):
         self.manifest = manifest
         self.config: ModelConfig = manifest.config
         self.executor = executor
         self.tokenizer = tokenizer
         self.resident_bytes = resident_bytes
+        self.plan = plan            # what is resident, what streams (edgeinfer.plan)
+        self.stats = stats          # RuntimeStats: I/O, window and cache counters
         gen = manifest.generation
         self.max_context = int(gen.get("max_context", self.config.max_position_embeddings))
         self.eos_token_ids = tuple(gen.get("eos_token_ids", self.config.eos_token_ids))
         self.bos_token_id = gen.get("bos_token_id", self.config.bos_token_id)
         self.last_completion: Completion | None = None
+
+    def close(self) -> None:
+        """Close the weight files streaming reads from (resident weights stay usable)."""
+        if self.plan is not None:
+            self.plan.close()
+
+    @property
+    def mode(self) -> str:
+        return self.plan.mode if self.plan is not None else "resident"
 
     @property
     def path(self):

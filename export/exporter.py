@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 from edgeinfer import __version__
@@ -22,11 +23,13 @@ QUANT_BITS = {"f16": None, "fp16": None, "float16": None, "int8": 8, "int4": 4}
 def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4", group_size: int = 32,
            bundle: bool = True, predictors: bool = False, predictor_rank: int = 64,
            predictor_recall: float = 0.95, calibration_tokens: int = 16384,
-           force: bool = False, progress: bool = True) -> Path:
+           expert_low: str | None = None, force: bool = False, progress: bool = True) -> Path:
     """Export checkpoint folder `src` to model folder `out`; returns `out`.
 
     Every input is checked before the output is touched; the folder appears
     under its final name only once complete (see writer.py).
+    expert_low: MoE models only: also store a low-precision copy of each expert ("int4",
+    "int2"), nested in the high one where it can be (edgeinfer/moe/layout.py).
     """
     src = Path(src)
     if quant not in QUANT_BITS:
@@ -36,6 +39,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
     hf = read_hf_config(src)
     cfg = model_config(hf)
     arch = arch_module(cfg.family)
+    if expert_low is not None:
+        _check_expert_low(expert_low, quant, cfg)
     tokenizer = src / "tokenizer.json"
     if not tokenizer.exists():
         raise CheckpointError(f"{src} has no tokenizer.json (edgeinfer needs a Hugging Face fast tokenizer file)")
@@ -50,7 +55,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
         b = GraphBuilder(writer, bits=bits, group_size=group_size)
         weights = Weights(ckpt, arch.TABLE)
         with Progress(cfg.num_layers, f"export {src.name} ({quant})", enabled=progress) as bar:
-            ffn = getattr(arch, "ffn", None) or (_bundled if bundle else _dense)
+            ffn = getattr(arch, "ffn", None)
+            ffn = partial(ffn, expert_low=expert_low) if ffn else (_bundled if bundle else _dense)
             build_decoder(b, cfg, weights, ffn=ffn, progress=bar)
         model = b.model(doc=f"{cfg.source_architecture} exported by edgeinfer {__version__}")
         writer.copy_file(tokenizer, "tokenizer.json")
@@ -62,8 +68,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
             "quantization": {"weights": quant, "group_size": group_size if bits else None,
                              "embeddings": "f16" if bits is None else "int8",
                              "scheme": "symmetric, MatMulNBits layout" if bits else "float16",
-                             "relative_error": b.quant_report},
-            "ffn_layout": "bundled" if bundle else "matmul",
+                             "expert_low": expert_low, "relative_error": b.quant_report},
+            "ffn_layout": "moe" if cfg.is_moe else "bundled" if bundle else "matmul",
             "tokenizer": "tokenizer.json",
             "generation": _generation_defaults(src, cfg),
         }
@@ -82,6 +88,15 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
     except BaseException:
         writer.abort()
         raise
+
+
+def _check_expert_low(low: str, quant: str, cfg) -> None:
+    if not cfg.is_moe:
+        raise EdgeInferError(f"--expert-low applies to mixture-of-experts models; {cfg.source_architecture} has "
+                             "no experts")
+    bits = QUANT_BITS[quant] or 16
+    if low not in ("int4", "int2") or int(low[3:]) >= bits:
+        raise EdgeInferError(f"--expert-low {low} must be int4 or int2 and below --quant {quant}")
 
 
 def _dense(b, cfg, w, i, x, prefix):

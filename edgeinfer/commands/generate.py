@@ -17,9 +17,21 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--memory-budget", default=None, help="e.g. 40%%, 300MB, 2GB")
+    p.add_argument("--mode", default="auto", choices=["auto", "resident", "streaming", "naive", "oracle"],
+                   help="auto: resident if the model fits the budget, else stream FFN neurons / experts")
+    p.add_argument("--window", type=int, default=5, help="keep neurons active in the last k tokens (0: LRU)")
+    p.add_argument("--threshold", type=float, default=None, help="override the predictors' thresholds")
+    p.add_argument("--no-direct-io", action="store_true", help="read through the page cache")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--verify", default="full", choices=["full", "sampled", "none"],
                    help="checksum weight files at load (default full)")
+    p.add_argument("--backend", default="numba", choices=["numba", "ort", "hybrid"],
+                   help="numba: every node a Numba kernel (default); ort: everything in onnxruntime; hybrid: "
+                        "streamed FFN / MoE in Numba, the rest in onnxruntime")
+    p.add_argument("--providers", default=None,
+                   help="onnxruntime execution providers for --backend ort/hybrid, comma-separated, preferred first "
+                        "(default: the device profile's, else CPUExecutionProvider)")
+    p.add_argument("--device", default=None, help="device profile name or .toml path (see edgeinfer devices list)")
     p.add_argument("--stats", action="store_true", help="print timing to stderr")
     p.set_defaults(handler=run)
 
@@ -27,7 +39,9 @@ def register(sub) -> None:
 def run(args) -> int:
     import edgeinfer
     from edgeinfer.errors import EdgeInferError
-    model = edgeinfer.load(args.model, memory_budget=args.memory_budget, threads=args.threads, verify=args.verify)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    model = edgeinfer.load(args.model, memory_budget=args.memory_budget, threads=args.threads, verify=args.verify,
+                           backend=args.backend, providers=providers, device=args.device)
     try:
         pieces = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,

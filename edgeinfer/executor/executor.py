@@ -19,14 +19,24 @@ class RunState:
 
 
 class Executor:
-    def __init__(self, graph: Graph, const, *, overrides: dict | None = None):
+    def __init__(self, graph: Graph, const, *, overrides: dict | None = None, segments=()):
         """`const(name)` returns an initializer array (or None); `overrides` maps a node
-        name to a ready callable (how streaming replaces a resident FFN node)."""
+        name to a ready callable (how streaming replaces a resident FFN node);
+        `segments` are callables that each run several consecutive nodes (onnxruntime
+        sessions, executor/ort_backend.py): `.nodes` (indices), `.inputs`, `.outputs`,
+        called fn(state, *inputs) -> a tuple of outputs; their nodes get no kernel."""
         self.graph = graph
         overrides = overrides or {}
+        covered = {i: seg for seg in segments for i in seg.nodes}
         self.plan = []
         produced = set(graph.inputs)
-        for node in graph.nodes:
+        for i, node in enumerate(graph.nodes):
+            seg = covered.get(i)
+            if seg is not None:
+                if i == seg.nodes[0]:
+                    self.plan.append((seg, seg.inputs, tuple(seg.outputs)))
+                produced.update(node.outputs)
+                continue
             fn = overrides.get(node.name)
             if fn is None:
                 factory = OPS.get(node.key)
@@ -40,14 +50,16 @@ class Executor:
         self.head = self._find_head()
 
     def _find_head(self) -> int:
-        """Index of the lm_head matmul, so a decode step computes logits for the last row only."""
-        producer = {out: i for i, (_, _, out) in enumerate(self.plan)}
+        """Index of the lm_head matmul, so a decode step computes logits for the last row only
+        (-1 when a segment holds it: the segment then slices the last row itself)."""
+        producer = {o: i for i, n in enumerate(self.graph.nodes) for o in n.outputs}
         i = producer.get("logits")
         if i is None:
             raise ModelFormatError("graph has no 'logits' output")
         if self.graph.nodes[i].op_type == "Add":
             i = producer.get(self.graph.nodes[i].inputs[0], i)
-        return i
+        outs = self.graph.nodes[i].outputs[0]
+        return next((j for j, (_, _, out) in enumerate(self.plan) if out == outs), -1)
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray, state: RunState) -> np.ndarray:
         env = dict(self.consts)
@@ -58,5 +70,8 @@ class Executor:
             args = [get(n) if n else None for n in inputs]
             if i == self.head and state.last_only:
                 args[0] = args[0][-1:]
-            env[out] = fn(state, *args)
+            if out.__class__ is tuple:
+                env.update(zip(out, fn(state, *args)))
+            else:
+                env[out] = fn(state, *args)
         return env["logits"]

@@ -162,3 +162,5 @@ def _bundled_ffn(node, const):
         return y + down_bias if down_bias is not None else y
 
     return run
+
+from ..moe import op as _moe_op  # noqa: E402,F401  (registers edgeinfer.MoE)

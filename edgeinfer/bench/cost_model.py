@@ -1,0 +1,120 @@
+"""Predicted decode latency of a configuration, from first principles (LLM in a flash §2-3).
+
+    t_token = t_resident + t_ffn_compute + t_flash  (the runtime reads a layer's
+              neurons, then computes it: no overlap is assumed)
+
+t_resident     resident matmuls (bytes / this machine's GEMV rate), attention over
+               the KV cache, and the small nodes (norms, adds, executor steps).
+t_ffn_compute  per layer: every neuron considered pays its first projection, every
+               active one its other projections (rates of the bundled FFN kernel);
+               streaming adds the predictor and the neuron window's bookkeeping.
+t_flash        per layer and token: neurons not in the window are read. Random
+               neurons of density p coalesce into runs of 1/(1-p) records (§3.2);
+               O_DIRECT widens each run to whole 4 KiB pages; a run of c bytes
+               reads at the device's bandwidth for c-byte chunks (the flash curve
+               of the device profile or probe). Naive mode reads each layer's whole
+               bundle in 1 MiB reads.
+
+Inputs: the model's shapes (traffic.py), sparsity measured at export
+(manifest predictors: predicted_active, true_active per layer), window reuse
+(the neuron hit rate, measured by the run or given), the device profile, and
+kernel rates measured on this machine (rates.py). Nothing is fitted to the
+run being predicted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..storage import ALIGN
+from .rates import KernelRates
+from .traffic import ModelTraffic
+
+MAX_READ = 1 << 20       # WeightFile's largest single read
+
+
+@dataclass
+class Prediction:
+    ms: float
+    parts: dict = field(default_factory=dict)      # ms by part
+    flash_bytes: float = 0.0                       # predicted bytes read from flash per token
+    reads: float = 0.0                             # predicted read calls per token
+    inputs: dict = field(default_factory=dict)     # what the prediction assumed
+
+    def to_dict(self) -> dict:
+        return {"ms": self.ms, "parts_ms": self.parts, "flash_bytes": self.flash_bytes, "reads": self.reads,
+                "inputs": self.inputs}
+
+
+def _gemv_s(rates: KernelRates, nbytes: int, bits: int) -> float:
+    gbps = rates.gemv_gbps.get(bits) or rates.gemv_gbps.get(str(bits)) or min(rates.gemv_gbps.values())
+    return nbytes / (gbps * 1e9)
+
+
+def read_time(device, nbytes: float, chunk: float) -> float:
+    """Seconds to read nbytes in reads of `chunk` bytes, from the device's flash curve."""
+    if nbytes <= 0:
+        return 0.0
+    return nbytes / (device.flash_bandwidth(max(1, int(chunk))) * 1e9)
+
+
+def predict(traffic: ModelTraffic, mode: str, device, rates: KernelRates, *, context: float,
+            hit_rate: float | None = None, direct_io: bool = True) -> Prediction:
+    """Predicted ms per decode token of `mode` (resident | naive | streaming | oracle)."""
+    s = {"resident_matmuls": sum(_gemv_s(rates, b, bits) for b, bits in traffic.matmuls),
+         "attention": traffic.attention_nodes * context * rates.attention_s}
+    small = traffic.nodes - len(traffic.matmuls) - len(traffic.ffn)
+    s["small_ops"] = max(small, 0) * rates.small_op_s
+    ffn_compute = predictor = window = flash = 0.0
+    flash_bytes = reads = 0.0
+    inputs = {"mode": mode, "context": context, "device": device.name}
+    if mode in ("streaming", "oracle"):
+        inputs["hit_rate"] = hit_rate if hit_rate is not None else 0.0
+        inputs["hit_rate_source"] = "given" if hit_rate is not None else "assumed 0 (no reuse)"
+    for f in traffic.ffn:
+        F, R = f.layout.ffn, f.layout.record_bytes
+        true_active = f.true_active if f.true_active is not None else 1.0
+        if mode in ("resident", "naive"):
+            considered = F
+        elif mode == "oracle":
+            considered = true_active * F
+        else:
+            considered = (f.predicted_active if f.predicted_active is not None else 1.0) * F
+        active = min(true_active * F, considered)
+        ffn_compute += considered * rates.ffn_first_s + active * rates.ffn_rest_s
+        if mode == "naive":
+            flash_bytes += f.bundle_bytes
+            reads += -(-f.bundle_bytes // MAX_READ)
+            flash += read_time(device, f.bundle_bytes, min(f.bundle_bytes, MAX_READ))
+        elif mode in ("streaming", "oracle"):
+            if mode == "streaming":
+                predictor += rates.predictor_s
+            loaded = considered * (1.0 - (hit_rate or 0.0))
+            window += loaded * rates.window_s
+            if loaded > 0:
+                p = min(loaded / F, 0.999)
+                runs = max(1.0, loaded * (1.0 - p))
+                run_bytes = loaded * R / runs
+                per_read = run_bytes + (ALIGN if direct_io else 0)   # page widening of each run
+                flash_bytes += runs * per_read
+                reads += runs * max(1, -(-per_read // MAX_READ))
+                flash += read_time(device, runs * per_read, min(per_read, MAX_READ))
+    s["ffn_compute"] = ffn_compute
+    if mode == "streaming":
+        s["predictor"] = predictor
+    if mode in ("streaming", "oracle"):
+        s["window"] = window
+    if mode != "resident":
+        s["flash"] = flash
+    parts = {k: v * 1e3 for k, v in s.items()}
+    sparsity = {"predicted_active": traffic.predicted_active, "true_active": traffic.true_active}
+    inputs.update({k: v for k, v in sparsity.items() if v is not None})
+    return Prediction(sum(parts.values()), parts, flash_bytes, reads, inputs)
+
+
+def floor_ms(device, flash_bytes: float, read_calls: float, dram_bytes: float) -> dict:
+    """The physical floor of one token (DESIGN.md): bytes from flash at the device's
+    bandwidth for the reads' mean size, plus bytes from DRAM at DRAM bandwidth."""
+    chunk = flash_bytes / read_calls if read_calls else 0
+    flash = read_time(device, flash_bytes, chunk) * 1e3 if flash_bytes else 0.0
+    dram = dram_bytes / (device.dram_bandwidth_gbps * 1e9) * 1e3
+    return {"ms": flash + dram, "flash_ms": flash, "dram_ms": dram, "mean_read_bytes": chunk}

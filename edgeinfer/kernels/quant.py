@@ -1,0 +1,339 @@
+"""Matmuls and embedding gathers over quantized (MatMulNBits layout) and float16 weights.
+
+Weights are W [N, K] as nn.Linear stores them; y = x @ W.T. Quantized layout, fixed by
+export/quantize.py: packed uint8 [N, K // block, block * bits // 8], scales float32
+[N, K // block], symmetric with zero point 2**(bits-1); `export.quantize.dequantize`
+is the reference these kernels are tested against.
+
+Three paths, by the number of activation rows M:
+- M == 1 (decode, GEMV): memory bound; the unpack is fused into the dot product
+  (_simd.qdot_*), each weight byte is read once, parallel over output rows.
+- 1 < M < PREFILL_M: the same fused kernel, each decoded weight vector used by 4 rows.
+- M >= PREFILL_M (prefill): compute bound; tiles of weight rows are dequantized to
+  float32 and multiplied with BLAS (np.dot), which is far faster than any Numba loop.
+
+Threads: the Numba kernels use numba.get_num_threads() (numba.set_num_threads); the
+BLAS product of the prefill path uses OpenBLAS's own pool (OPENBLAS_NUM_THREADS).
+Every output element is computed by one thread in a fixed order, so results do not
+depend on the Numba thread count.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._simd import (HAS_VNNI, VW, W, hdot_1, hdot_4, qdot_1x1, qdot_1x4, qdot_4x1, qdot_i8_1,
+                    qdot_i8_4)
+
+SUPPORTED_BITS = (2, 4, 8)
+# From this many activation rows on, dequantize + BLAS beats the fused kernel
+# (benchmarks/kernels.py --prefill measures the crossover).
+PREFILL_M = 16
+# Above this many bytes of activations per row, x stops fitting in L1 next to the
+# weights, and the GEMV shares each load of x between 4 weight rows.
+_LONG_ROW_BYTES = 24 * 1024
+# Weight rows per dequantized tile in the prefill path (~4 MiB of float32 per tile).
+_TILE_BYTES = 4 << 20
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@njit(parallel=True, cache=True)
+def _matmul_fused(xs, xsum, packed, scales, sh, long_rows, out):
+    """out[m, n] = sum_k x[m, k] * deq(W)[n, k]; xs = x split into P phase arrays."""
+    M, N = out.shape
+    steps = packed.shape[1] * packed.shape[2] // W
+    start = 0
+    if M == 1 and long_rows:
+        for t in prange(N // 4):
+            n = 4 * t
+            o = qdot_4x1(packed, n, xs, 0, scales, xsum, 0, steps, sh)
+            out[0, n] = o[0]
+            out[0, n + 1] = o[1]
+            out[0, n + 2] = o[2]
+            out[0, n + 3] = o[3]
+        start = N - N % 4
+    m4 = M - M % 4
+    for n in prange(start, N):
+        for m in range(0, m4, 4):
+            o = qdot_1x4(packed, n, xs, m, scales, xsum, 0, steps, sh)
+            for i in range(4):
+                out[m + i, n] = o[i]
+        for m in range(m4, M):
+            out[m, n] = qdot_1x1(packed, n, xs, m, scales, xsum, 0, steps, sh)[0]
+
+
+@njit(parallel=True, cache=True)
+def _matmul_int8act(x8, sx, corr, packed, scales, lanes_log2, out):
+    """As _matmul_fused, with activations quantized to int8 (see _simd.qdot_i8)."""
+    M, N = out.shape
+    m4 = M - M % 4
+    for n in prange(N):
+        for m in range(0, m4, 4):
+            o = qdot_i8_4(packed, n, x8, m, scales, sx, corr, lanes_log2)
+            for i in range(4):
+                out[m + i, n] = o[i]
+        for m in range(m4, M):
+            out[m, n] = qdot_i8_1(packed, n, x8, m, scales, sx, corr, lanes_log2)[0]
+
+
+@njit(cache=True)
+def _quantize_activations(x, bits, block_size, x8, sx, corr):
+    M, K = x.shape
+    P = 8 // bits
+    zp = 1 << (bits - 1)
+    lane_elems = 4 * P                 # a 32-bit lane: 4 packed bytes = 4 * P values
+    lanes_per_block = block_size // lane_elems
+    magic = np.float32(12582912.0)     # 1.5 * 2**23: (y + magic) - magic == rint(y)
+    q = np.empty(K, dtype=np.int32)
+    for m in range(M):
+        xm = x[m]
+        for b in range(K // block_size):
+            k0 = b * block_size
+            amax = np.float32(0.0)
+            for k in range(k0, k0 + block_size):
+                a = abs(xm[k])
+                if a > amax:
+                    amax = a
+            s = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
+            inv = np.float32(1.0) / s
+            for k in range(k0, k0 + block_size):
+                q[k] = np.int32((xm[k] * inv + magic) - magic)
+            for lane in range(b * lanes_per_block, (b + 1) * lanes_per_block):
+                sx[m, lane] = s
+        for t in range(P):
+            x8t = x8[t, m]
+            for j in range(K // P):
+                x8t[j] = q[j * P + t]
+        for lane in range(K // lane_elems):
+            total = np.int32(0)
+            for k in range(lane * lane_elems, (lane + 1) * lane_elems):
+                total += q[k]
+            corr[m, lane] = -zp * total
+
+
+@njit(cache=True)
+def _code(byte, bits, t):
+    return (np.int32(byte) >> (bits * t)) & ((1 << bits) - 1)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_generic(x, packed, scales, bits, out):
+    """Plain-loop fallback for layouts the fused kernel does not cover (a block of
+    fewer than 16 bytes, e.g. 2-bit block 32); same result, slower."""
+    M, N = out.shape
+    _, nb, blob = packed.shape
+    per = 8 // bits
+    zp = np.int32(1 << (bits - 1))
+    bs = blob * per
+    for n in prange(N):
+        for m in range(M):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                part = np.float32(0.0)
+                for j in range(blob):
+                    byte = packed[n, b, j]
+                    for t in range(per):
+                        q = _code(byte, bits, t) - zp
+                        part += np.float32(q) * x[m, b * bs + j * per + t]
+                acc += part * scales[n, b]
+            out[m, n] = acc
+
+
+@njit(parallel=True, cache=True)
+def _dequant_rows(packed, scales, bits, rows, out):
+    """out[i] = deq(W)[rows[i]] as float32 [len(rows), K]."""
+    _, nb, blob = packed.shape
+    per = 8 // bits
+    zp = np.int32(1 << (bits - 1))
+    mask = np.int32((1 << bits) - 1)
+    bs = blob * per
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for b in range(nb):
+            s = scales[r, b]
+            base = b * bs
+            if bits == 8:
+                for j in range(blob):
+                    out[i, base + j] = np.float32(np.int32(packed[r, b, j]) - zp) * s
+            else:
+                for j in range(blob):
+                    v = np.int32(packed[r, b, j])
+                    for t in range(per):
+                        out[i, base + j * per + t] = np.float32(((v >> (bits * t)) & mask) - zp) * s
+
+
+@njit(parallel=True, cache=True)
+def _matmul_h(x, w16bits, out):
+    M, N = out.shape
+    m4 = M - M % 4
+    for n in prange(N):
+        for m in range(0, m4, 4):
+            o = hdot_4(w16bits, n, x, m)
+            for i in range(4):
+                out[m + i, n] = o[i]
+        for m in range(m4, M):
+            out[m, n] = hdot_1(w16bits, n, x, m)[0]
+
+
+# ---------------------------------------------------------------------------- wrappers
+
+def _activations(x, K):
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
+        raise TypeError(f"x must be a float32 array [M, K]; got {getattr(x, 'dtype', type(x))} "
+                        f"with shape {getattr(x, 'shape', None)}")
+    if x.shape[1] != K:
+        raise ValueError(f"x has K={x.shape[1]} but the weights have K={K}")
+    return np.ascontiguousarray(x)
+
+
+def _output(out, M, N):
+    if out is None:
+        return np.empty((M, N), dtype=np.float32)
+    if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (M, N)
+            or not out.flags.c_contiguous):
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {(M, N)}")
+    return out
+
+
+def check_quantized(packed, scales, bits, block_size):
+    """Validate a MatMulNBits weight; returns (N, K)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if block_size <= 0 or block_size * bits % 8:
+        raise ValueError(f"block_size={block_size} does not fill whole bytes at {bits} bits")
+    if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.ndim != 3:
+        raise TypeError("packed must be a uint8 array [N, K // block_size, block_size * bits // 8]")
+    n, nb, blob = packed.shape
+    if blob != block_size * bits // 8:
+        raise ValueError(f"packed blocks hold {blob} bytes; bits={bits}, block_size={block_size} "
+                         f"needs {block_size * bits // 8}")
+    if (not isinstance(scales, np.ndarray) or scales.dtype != np.float32
+            or scales.shape != (n, nb)):
+        raise TypeError(f"scales must be a float32 array of shape {(n, nb)}")
+    if not (packed.flags.c_contiguous and scales.flags.c_contiguous):
+        raise ValueError("packed and scales must be C-contiguous")
+    return n, nb * block_size
+
+
+def _fused_ok(blob):
+    steps = blob // W
+    return blob % W == 0 and steps & (steps - 1) == 0
+
+
+def int8_activations_supported(bits, block_size, K):
+    """Whether matmul_nbits(..., int8_activations=True) takes the int8 path here."""
+    blob = block_size * bits // 8
+    return (HAS_VNNI and bits in SUPPORTED_BITS and blob >= 16 and blob & (blob - 1) == 0
+            and K * bits // 8 % VW == 0)
+
+
+def matmul_nbits(x, packed, scales, bits, block_size, out=None, int8_activations=False):
+    """y = x @ dequantize(packed, scales, bits).T -> float32 [M, N]; x float32 [M, K].
+
+    int8_activations=True quantizes x per block to int8 for the GEMV/small-M paths
+    (relative error ~1e-3 against the float reference, ~2-3x faster where the host has
+    AVX512-VNNI; see int8_activations_supported). Otherwise, and by default, all
+    arithmetic is float32.
+    """
+    N, K = check_quantized(packed, scales, bits, block_size)
+    if isinstance(x, np.ndarray) and x.ndim == 2 and K - block_size < x.shape[1] < K:
+        # MatMulNBits allows K that is not a multiple of the block: the last block is
+        # padded, and zero activations make the padding's codes irrelevant.
+        x = np.pad(x, ((0, 0), (0, K - x.shape[1])))
+    x = _activations(x, K)
+    M = x.shape[0]
+    out = _output(out, M, N)
+    if M == 0 or N == 0:
+        return out
+    if M >= PREFILL_M:
+        return _prefill(x, out, lambda rows, buf: _dequant_rows(packed, scales, bits, rows, buf))
+    blob = packed.shape[2]
+    if int8_activations and int8_activations_supported(bits, block_size, K):
+        x8, sx, corr = quantize_activations(x, bits, block_size)
+        _matmul_int8act(x8, sx, corr, packed, scales, (blob // 4).bit_length() - 1, out)
+        return out
+    if not _fused_ok(blob):
+        _matmul_generic(x, packed, scales, bits, out)
+        return out
+    P = 8 // bits
+    xs = tuple(np.ascontiguousarray(x[:, t::P]) for t in range(P))
+    xsum = x.reshape(M, -1, block_size).sum(axis=2, dtype=np.float32)
+    sh = (blob // W).bit_length() - 1
+    _matmul_fused(xs, xsum, packed, scales, sh, K * 4 > _LONG_ROW_BYTES, out)
+    return out
+
+
+def quantize_activations(x, bits, block_size):
+    """x float32 [M, K] -> (x8 phases, lane scales, lane zero-point corrections) for
+    _simd.qdot_i8: per weight block, x8 = rint(x / s), s = max|x| / 127."""
+    M, K = x.shape
+    P = 8 // bits
+    lanes = K // (4 * P)
+    x8 = np.empty((P, M, K // P), dtype=np.int8)
+    sx = np.empty((M, lanes), dtype=np.float32)
+    corr = np.empty((M, lanes), dtype=np.int32)
+    _quantize_activations(x, bits, block_size, x8, sx, corr)
+    return tuple(x8[t] for t in range(P)), sx, corr
+
+
+def _prefill(x, out, fill_tile):
+    """out = x @ W.T, W produced tile by tile as float32 by fill_tile(rows, buf)."""
+    N = out.shape[1]
+    K = x.shape[1]
+    tile = max(16, min(N, _TILE_BYTES // (4 * K)))
+    buf = np.empty((tile, K), dtype=np.float32)
+    for n0 in range(0, N, tile):
+        n1 = min(N, n0 + tile)
+        w = buf[: n1 - n0]
+        fill_tile(np.arange(n0, n1, dtype=np.int64), w)
+        np.matmul(x, w.T, out=out[:, n0:n1])
+    return out
+
+
+def matmul_f16(x, w16, out=None):
+    """y = x @ w16.T -> float32 [M, N] for float16 weights [N, K]; x float32 [M, K]."""
+    if not isinstance(w16, np.ndarray) or w16.dtype != np.float16 or w16.ndim != 2:
+        raise TypeError("w16 must be a float16 array [N, K]")
+    w16 = np.ascontiguousarray(w16)
+    N, K = w16.shape
+    x = _activations(x, K)
+    M = x.shape[0]
+    out = _output(out, M, N)
+    if M == 0 or N == 0:
+        return out
+    if M >= PREFILL_M:
+        def fill(rows, buf):
+            np.copyto(buf, w16[rows[0]: rows[-1] + 1], casting="unsafe")
+        return _prefill(x, out, fill)
+    _matmul_h(x, w16.view(np.uint16), out)
+    return out
+
+
+def _ids(ids, N):
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        ids = ids.astype(np.int64)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError("ids must be a 1-D array of integers")
+    ids = ids.astype(np.int64, copy=False)
+    if ids.size and (ids.min() < 0 or ids.max() >= N):
+        raise IndexError(f"ids must lie in [0, {N}); got min {ids.min()}, max {ids.max()}")
+    return ids
+
+
+def gather_nbits(packed, scales, ids, bits, block_size):
+    """Rows `ids` of the dequantized table -> float32 [len(ids), K] (embedding lookup)."""
+    N, K = check_quantized(packed, scales, bits, block_size)
+    ids = _ids(ids, N)
+    out = np.empty((ids.shape[0], K), dtype=np.float32)
+    if ids.size:
+        _dequant_rows(packed, scales, bits, ids, out)
+    return out
+
+
+def gather_f16(w16, ids):
+    """Rows `ids` of a float16 table -> float32 [len(ids), K]."""
+    if not isinstance(w16, np.ndarray) or w16.dtype != np.float16 or w16.ndim != 2:
+        raise TypeError("w16 must be a float16 array [N, K]")
+    return w16[_ids(ids, w16.shape[0])].astype(np.float32)

@@ -1,0 +1,288 @@
+"""The expert cache of one MoE layer, and where an expert is evicted (HOBBIT §4.3).
+
+Slots. The cache owns one preallocated, 4 KiB-aligned buffer of `blocks`, each big
+enough for one expert at high precision. A block holds either one high-precision copy or
+up to `pages` low-precision copies (a page is one low record), so a cache of low copies
+holds 2-4x more experts in the same bytes. Reads go straight from flash into a slot
+(O_DIRECT into the buffer); nothing is allocated per token.
+
+One entry per expert (its high or its low copy). An entry is *pinned* while a kernel
+reads it or a read fills it; pinned entries are never evicted.
+
+Eviction. When a slot is needed and none is free, the policy's `value` of every
+unpinned entry decides: the entry (for a low copy) or the block (for a high copy; a
+block of low copies is worth the sum of its entries) of least value is evicted.
+
+- `lru`: value = when the expert was last used. The baseline.
+- `hobbit`: multidimensional, after HOBBIT's sequence-level caching: value = f x saved.
+  f (recency and frequency in one number) is the expert's use count with each use
+  decaying by half every `half_life` layer calls; saved (precision) is the bytes a hit
+  on this copy would save, given how often this expert's gate weight was below the
+  low-precision threshold: a high copy saves a high read on an important token and a
+  low read otherwise; a low copy only ever saves a low read (an important token needs
+  the high copy anyway).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import BudgetError
+from ..storage import aligned_empty
+from .layout import HIGH, LOW, ExpertLayout
+
+
+def block_geometry(layout: ExpertLayout) -> tuple[int, int, int]:
+    """(page bytes, pages per block, block bytes) of a layer's cache."""
+    if not layout.low_bits:
+        return layout.high_bytes, 1, layout.high_bytes
+    page = layout.low_bytes
+    pages = -(-layout.high_bytes // page)
+    return page, pages, page * pages
+
+
+@dataclass(eq=False)
+class Entry:
+    expert: int
+    precision: str
+    block: int
+    page: int
+    pages: int
+    pins: int = 1
+    ready: bool = False
+    prefetched: bool = False        # read by the prefetcher and not yet used
+    replaces: "Entry | None" = None  # the low copy an upgrade replaces once ready
+
+
+@dataclass
+class _Use:
+    last: int = -1
+    freq: float = 0.0
+    low: float = 0.0                # decayed count of uses whose gate weight was below the threshold
+    at: int = 0
+
+
+class LRUPolicy:
+    name = "lru"
+
+    def __init__(self, layout: ExpertLayout, half_life: float = 0.0):
+        self.last: dict[int, int] = {}
+
+    def used(self, expert: int, now: int, low_eligible: bool) -> None:
+        self.last[expert] = now
+
+    def inserted(self, expert: int, now: int) -> None:
+        self.last[expert] = now
+
+    def entry_value(self, entry: Entry, now: int) -> float:
+        return float(self.last.get(entry.expert, -1))
+
+    def block_value(self, entries, now: int) -> float:
+        return max(self.entry_value(e, now) for e in entries)
+
+
+class HobbitPolicy:
+    name = "hobbit"
+
+    def __init__(self, layout: ExpertLayout, half_life: float = 32.0):
+        self.decay = math.log(2.0) / half_life
+        self.high_bytes = float(layout.high_bytes)
+        self.low_bytes = float(layout.low_bytes or layout.high_bytes)
+        self.uses: dict[int, _Use] = {}
+
+    def _u(self, expert: int, now: int) -> _Use:
+        u = self.uses.get(expert)
+        if u is None:
+            u = self.uses[expert] = _Use(at=now)
+        elif u.at != now:
+            k = math.exp(-self.decay * (now - u.at))
+            u.freq *= k
+            u.low *= k
+            u.at = now
+        return u
+
+    def used(self, expert: int, now: int, low_eligible: bool) -> None:
+        u = self._u(expert, now)
+        u.freq += 1.0
+        u.low += 1.0 if low_eligible else 0.0
+        u.last = now
+
+    def inserted(self, expert: int, now: int) -> None:
+        u = self._u(expert, now)
+        u.last = max(u.last, now - 1)
+
+    def value(self, entry: Entry, now: int) -> float:
+        """Expected bytes saved by keeping this copy (see the module docstring)."""
+        u = self._u(entry.expert, now)
+        share_low = u.low / u.freq if u.freq > 0 else 0.0
+        if entry.precision == HIGH:
+            saved = (1.0 - share_low) * self.high_bytes + share_low * self.low_bytes
+        else:
+            saved = share_low * self.low_bytes
+        # recency breaks ties between equally frequent experts (and ranks unused ones)
+        return u.freq * saved + 1e-6 * saved * (u.last + 1) / (now + 1)
+
+    def entry_value(self, entry: Entry, now: int) -> float:
+        return self.value(entry, now) / entry.pages
+
+    def block_value(self, entries, now: int) -> float:
+        return sum(self.value(e, now) for e in entries)
+
+
+POLICIES = {"lru": LRUPolicy, "hobbit": HobbitPolicy}
+
+
+@dataclass
+class CacheCounts:
+    evicted: int = 0
+    inserted: int = 0
+    by_precision: dict = field(default_factory=lambda: {HIGH: 0, LOW: 0})
+
+
+class ExpertCache:
+    def __init__(self, layout: ExpertLayout, capacity_bytes: int, policy: str = "hobbit", *,
+                 min_blocks: int = 1, half_life: float = 32.0):
+        self.layout = layout
+        self.page_bytes, self.pages, self.block_bytes = block_geometry(layout)
+        self.blocks = min(int(capacity_bytes) // self.block_bytes, layout.num_experts)
+        if self.blocks < min_blocks:
+            raise BudgetError(f"an expert cache of {capacity_bytes} bytes holds {self.blocks} experts; "
+                              f"this layer needs at least {min_blocks} ({min_blocks * self.block_bytes} bytes)")
+        self.buffer = aligned_empty(self.blocks * self.block_bytes)
+        self.policy = POLICIES[policy](layout, half_life)
+        self.entries: dict[int, Entry] = {}
+        # per block: None (free), or the entry in each page (a high copy fills every page)
+        self._slots: list[list[Entry | None] | None] = [None] * self.blocks
+        self.counts = CacheCounts()
+        self.lock = threading.RLock()
+        self.now = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+    # -- lookups -----------------------------------------------------------------------
+    def get(self, expert: int) -> Entry | None:
+        e = self.entries.get(expert)
+        return e if e is not None and e.ready else None
+
+    def offset(self, entry: Entry) -> int:
+        return entry.block * self.block_bytes + entry.page * self.page_bytes
+
+    def view(self, entry: Entry) -> np.ndarray:
+        nbytes = self.layout.high_bytes if entry.precision == HIGH else self.layout.low_bytes
+        at = self.offset(entry)
+        return self.buffer[at:at + nbytes]
+
+    def pin(self, entry: Entry) -> Entry:
+        entry.pins += 1
+        return entry
+
+    def release(self, entry: Entry) -> None:
+        entry.pins -= 1
+
+    def used(self, expert: int, low_eligible: bool) -> None:
+        self.policy.used(expert, self.now, low_eligible)
+
+    def tick(self) -> None:
+        """One layer call passed (the clock of recency and frequency decay)."""
+        self.now += 1
+
+    # -- allocation and eviction -------------------------------------------------------
+    def reserve(self, expert: int, precision: str) -> Entry:
+        """A pinned, not yet ready slot for `expert` at `precision`, evicting as needed.
+
+        If the expert is cached at another precision, that copy stays (pin it to keep it)
+        until `commit` of the new one frees it.
+        """
+        with self.lock:
+            pages = self.pages if precision == HIGH else 1
+            slot = self._free_slot(pages)
+            while slot is None:
+                self._evict_for(pages)
+                slot = self._free_slot(pages)
+            block, page = slot
+            entry = Entry(expert, precision, block, page, pages, replaces=self.entries.get(expert))
+            if self._slots[block] is None:
+                self._slots[block] = [None] * self.pages
+            for p in range(page, page + pages):
+                self._slots[block][p] = entry
+            self.entries[expert] = entry
+            self.policy.inserted(expert, self.now)
+            self.counts.inserted += 1
+            return entry
+
+    def commit(self, entry: Entry) -> None:
+        """The read into `entry` finished: it serves lookups; a replaced copy is freed."""
+        with self.lock:
+            entry.ready = True
+            old, entry.replaces = entry.replaces, None
+            if old is not None:
+                self._free(old)
+
+    def drop(self, entry: Entry) -> None:
+        """Forget an entry (a failed read, or naive mode's discard after use)."""
+        with self.lock:
+            if self.entries.get(entry.expert) is entry:
+                if entry.replaces is not None:
+                    self.entries[entry.expert] = entry.replaces
+                else:
+                    del self.entries[entry.expert]
+            self._free(entry)
+
+    def _free(self, entry: Entry) -> None:
+        slots = self._slots[entry.block]
+        for p in range(entry.page, entry.page + entry.pages):
+            if slots[p] is entry:
+                slots[p] = None
+        if all(s is None for s in slots):
+            self._slots[entry.block] = None
+
+    def _free_slot(self, pages: int):
+        if pages == 1 and self.pages > 1:       # a low copy: fill a block of low copies first
+            for b, slots in enumerate(self._slots):
+                if slots is not None and None in slots:
+                    return b, slots.index(None)
+        for b, slots in enumerate(self._slots):
+            if slots is None:
+                return b, 0
+        return None
+
+    def _evict_for(self, pages: int) -> None:
+        """Evict the least valuable unpinned block (for a high copy) or entry (for a low one)."""
+        now, policy = self.now, self.policy
+        best, best_v = None, math.inf
+        for slots in self._slots:
+            if slots is None:
+                continue
+            held = list({id(s): s for s in slots if s is not None}.values())
+            if pages == self.pages:
+                if any(s.pins for s in held):
+                    continue
+                v, victims = policy.block_value(held, now), held
+            else:
+                free = [s for s in held if not s.pins]
+                if not free:
+                    continue
+                victim = min(free, key=lambda s: policy.entry_value(s, now))
+                v, victims = policy.entry_value(victim, now), [victim]
+            if v < best_v:
+                best, best_v = victims, v
+        if best is None:
+            raise BudgetError(f"the expert cache ({self.blocks} slots) has no room: every slot is in use; "
+                              "raise the memory budget")
+        for s in best:
+            self._evict(s)
+
+    def _evict(self, entry: Entry) -> None:
+        if self.entries.get(entry.expert) is entry:
+            del self.entries[entry.expert]
+        else:   # a low copy being replaced by an upgrade in flight: the upgrade no longer replaces it
+            new = self.entries.get(entry.expert)
+            if new is not None and new.replaces is entry:
+                new.replaces = None
+        self._free(entry)
+        self.counts.evicted += 1

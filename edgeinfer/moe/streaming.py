@@ -1,0 +1,236 @@
+"""Streaming MoE (the plan plugin for edgeinfer.MoE): experts come from experts.bin
+through each layer's expert cache under the memory budget.
+
+Per layer call: route; wait for this layer's prefetch; pin the cached experts, read
+the missing ones in one batch (HOBBIT §4.1 token-level dynamic loading: a miss whose gate
+weight is below `expert_low_threshold` reads the low-precision copy; a cached high copy
+is always used); start the next layer's prefetch (prefetch.py); run the experts.
+
+Modes: "streaming" (and "oracle": routing is exact anyway) use the options as given;
+"naive" is the no-reuse baseline: room for one token's experts, each read at full
+precision every time it is needed, no prefetch.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections import Counter
+
+import numpy as np
+
+from ..errors import StorageError
+from .expert_cache import ExpertCache, block_geometry
+from .kernels import expert_ffn
+from .layout import HIGH, LOW, ExpertLayout
+from .op import MoENode
+from .prefetch import Prefetcher
+from .router import tokens_by_expert
+
+
+def minimum_bytes(node, manifest, options, mode) -> int:
+    """Room for one token's experts at full precision."""
+    return int(node.attrs["top_k"]) * block_geometry(ExpertLayout.from_attrs(node.attrs))[2]
+
+
+def streamed_inputs(node) -> list[str]:
+    """The inputs read from flash: the expert records (the router and shared expert stay resident)."""
+    return [name for name in node.inputs[2:4] if name]
+
+
+def make(node, const, ctx):
+    return StreamedMoE(node, const, ctx)
+
+
+_RUNTIMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class MoERuntime:
+    """What the streamed MoE layers of one model share: their order, the prefetch thread,
+    and counters beyond RuntimeStats (experts run at low precision, prefetch reads)."""
+
+    def __init__(self):
+        self.layers: dict[int, StreamedMoE] = {}
+        self.prefetcher = Prefetcher()
+        self.counts: Counter = Counter()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, stats) -> "MoERuntime":
+        rt = _RUNTIMES.get(stats)
+        if rt is None:
+            rt = _RUNTIMES[stats] = cls()
+        return rt
+
+    def add(self, layer: "StreamedMoE") -> None:
+        self.layers[layer.layer] = layer
+        self._order = sorted(self.layers)
+
+    def next_layer(self, layer: int) -> "StreamedMoE | None":
+        later = [i for i in self._order if i > layer]
+        return self.layers[later[0]] if later else None
+
+    def count(self, **kw) -> None:
+        with self._lock:
+            self.counts.update(kw)
+
+    def cache_bytes(self) -> int:
+        return sum(layer.cache.nbytes for layer in self.layers.values())
+
+
+def runtime_of(model) -> MoERuntime | None:
+    """The MoE runtime of a loaded model (None when no MoE layer streams)."""
+    return _RUNTIMES.get(getattr(model, "stats", model))
+
+
+class StreamedMoE:
+    def __init__(self, node, const, ctx):
+        self.moe = MoENode(node, const)
+        self.layer = self.moe.layer
+        self.layout = layout = self.moe.layout
+        high = ctx.manifest.tensors[node.inputs[2]]
+        self.file = ctx.file(high.file)
+        self.high_at = high.offset
+        self.low_at = None
+        if layout.low_bits and not layout.low_nested:
+            self.low_at = ctx.manifest.tensors[node.inputs[3]].offset
+        opts = ctx.options
+        self.naive = ctx.mode == "naive"
+        top_k = self.moe.top_k
+        capacity = minimum_bytes(node, None, opts, ctx.mode) if self.naive else ctx.share
+        self.cache = ExpertCache(layout, capacity, "lru" if self.naive else opts.expert_policy, min_blocks=top_k)
+        self.threshold = 0.0 if self.naive or not layout.low_bits else float(opts.expert_low_threshold)
+        self.prefetch = bool(opts.prefetch) and not self.naive
+        self.stats = ctx.stats
+        self.runtime = MoERuntime.of(ctx.stats)
+        self.runtime.add(self)
+        self.lock = threading.Lock()
+
+    # -- where an expert's bytes are --------------------------------------------------------
+    def _range(self, expert: int, precision: str) -> tuple[int, int]:
+        L = self.layout
+        if precision == HIGH:
+            return self.high_at + expert * L.high_bytes, L.high_bytes
+        if L.low_nested:                         # the low copy is the record's prefix
+            return self.high_at + expert * L.high_bytes, L.low_bytes
+        return self.low_at + expert * L.low_bytes, L.low_bytes
+
+    def precision(self, weight: float) -> str:
+        return LOW if weight < self.threshold else HIGH
+
+    # -- loading ------------------------------------------------------------------------
+    def _load(self, wants):
+        """Pin a usable cached copy of each (expert, precision), reading the missing ones as
+        one batch. Returns (entries, entries read now)."""
+        cache, L = self.cache, self.layout
+        entries, fresh, requests, dests, olds = [], [], [], [], []
+        for e, prec in wants:
+            have = cache.get(e)
+            if have is not None and (have.precision == HIGH or prec == LOW):
+                entries.append(cache.pin(have))
+                continue
+            if have is not None:
+                olds.append(cache.pin(have))     # the low copy stays until the high one is read
+            new = cache.reserve(e, prec)
+            at = cache.offset(new)
+            off, n = self._range(e, prec)
+            if have is not None and L.low_nested:    # upgrade: the prefix is in memory already
+                cache.buffer[at:at + L.low_bytes] = cache.view(have)
+                off, n, at = off + L.low_bytes, n - L.low_bytes, at + L.low_bytes
+            requests.append((off, n))
+            dests.append(at)
+            entries.append(new)
+            fresh.append(new)
+        try:
+            if requests:
+                self.file.read_batch(requests, out=cache.buffer, dest=dests)
+        except (StorageError, OSError, ValueError):
+            for ent in fresh:
+                cache.drop(ent)
+            for ent in entries:
+                cache.release(ent)
+            raise
+        finally:
+            for old in olds:
+                cache.release(old)
+        for ent in fresh:
+            cache.commit(ent)
+        return entries, fresh
+
+    def _prefetch_into(self, wants) -> None:
+        """Runs on the prefetch thread: read this layer's guessed experts into its cache."""
+        with self.lock:
+            entries, fresh = self._load(wants)
+            for ent in fresh:
+                ent.prefetched = True
+            for ent in entries:
+                self.cache.release(ent)
+        if fresh:
+            self.stats.add(prefetch_issued=len(fresh))
+            self.runtime.count(prefetch_bytes=sum(self._range(e.expert, e.precision)[1] for e in fresh))
+
+    def _start_prefetch(self, x: np.ndarray) -> None:
+        nxt = self.runtime.next_layer(self.layer)
+        if nxt is None:
+            return
+        idx, w = nxt.moe.route(x[-1:])
+        wants = [(int(e), nxt.precision(float(v))) for e, v in zip(idx[0], w[0])]
+        self.runtime.prefetcher.submit(nxt.layer, nxt._prefetch_into, wants)
+
+    # -- the layer ------------------------------------------------------------------------
+    def __call__(self, state, x, *_):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        rt = self.runtime
+        waited = rt.prefetcher.wait(self.layer)
+        idx, w = self.moe.route(x)
+        groups = tokens_by_expert(idx, w)
+        with self.lock:
+            y = self._run(x, groups)
+        self.stats.add(io_wait_seconds=waited)
+        if self.layer == rt._order[0]:
+            self.stats.add(tokens=x.shape[0])
+        return self.moe.finish(x, y)
+
+    def _run(self, x: np.ndarray, groups) -> np.ndarray:
+        cache = self.cache
+        cache.tick()
+        wants = []
+        for e, (_, wts) in groups.items():
+            top = float(wts.max())
+            cache.used(e, low_eligible=top < self.threshold)
+            wants.append((e, self.precision(top)))
+        # cached experts first, so reading the others cannot evict them
+        wants.sort(key=lambda ew: cache.get(ew[0]) is None)
+        y = np.zeros_like(x)
+        evicted0 = cache.counts.evicted
+        hits = loaded = low_loaded = run_low = used_prefetch = 0
+        io_s = compute_s = 0.0
+        step = cache.blocks
+        for start in range(0, len(wants), step):
+            chunk = wants[start:start + step]
+            t0 = time.perf_counter()
+            entries, fresh = self._load(chunk)
+            t1 = time.perf_counter()
+            io_s += t1 - t0
+            if start == 0 and self.prefetch:
+                self._start_prefetch(x)
+            loaded += len(fresh)
+            low_loaded += sum(ent.precision == LOW for ent in fresh)
+            hits += len(entries) - len(fresh)
+            for (e, _), ent in zip(chunk, entries):
+                rows, wts = groups[e]
+                fmt = self.layout.format(ent.precision)
+                y[rows] += expert_ffn(x[rows], cache.view(ent), fmt) * wts[:, None]
+                run_low += ent.precision == LOW
+                if ent.prefetched:
+                    used_prefetch += 1
+                    ent.prefetched = False
+                cache.release(ent)
+                if self.naive:
+                    cache.drop(ent)
+            compute_s += time.perf_counter() - t1
+        self.stats.add(experts_needed=len(wants), experts_hit=hits, experts_loaded=loaded,
+                       experts_low_precision=low_loaded, experts_evicted=cache.counts.evicted - evicted0,
+                       prefetch_hits=used_prefetch, io_wait_seconds=io_s, compute_seconds=compute_s)
+        self.runtime.count(experts_run=len(wants), experts_run_low=run_low)
+        return y

@@ -1,0 +1,118 @@
+"""Streaming plugin for BundledFFN nodes: the FFN of a layer read from flash.
+
+streaming: the predictor chooses neurons; the window keeps recent ones; only
+           neurons not in the window are read, in one batch per layer per token
+           (adjacent neurons coalesce into one read) straight into window slots.
+oracle:    as streaming, with the exact active set (testing: output equals resident).
+naive:     the baseline of LLM in a flash: read the layer's whole FFN every token.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..errors import ModelFormatError
+from ..kernels.ffn import bundled_ffn
+from ..storage import aligned_empty
+from .bundle import BundleLayout
+from .predictor import LowRankPredictor, OraclePredictor
+from .window import NeuronWindow
+
+MIN_NEURONS = 32   # smallest window per layer; larger active sets are processed in rounds
+
+
+def _layout(node) -> BundleLayout:
+    return BundleLayout.from_attrs(node.attrs)
+
+
+def minimum_bytes(node, manifest, options, mode) -> int:
+    lay = _layout(node)
+    if mode == "naive":   # one scratch buffer of a whole layer, shared by all layers
+        layers = sum(1 for t in manifest.tensors if t.endswith(".ffn.bundle")) or 1
+        return -(-lay.ffn * lay.record_bytes // layers)
+    return min(lay.ffn, MIN_NEURONS) * lay.record_bytes
+
+
+def make(node, const, ctx):
+    lay = _layout(node)
+    entry = ctx.manifest.tensors.get(node.inputs[1])
+    if entry is None:
+        raise ModelFormatError(f"node {node.name}: bundle {node.inputs[1]} is not in the manifest")
+    f = ctx.file(entry.file)
+    inp = node.inputs + [""] * (7 - len(node.inputs))
+    up_bias = const(inp[2]) if inp[2] else None
+    down_bias = const(inp[3]) if inp[3] else None
+    act = node.attrs["activation"]
+    stats = ctx.stats
+    R = lay.record_bytes
+
+    if ctx.mode == "naive":
+        scratch = ctx.files.setdefault(("naive-scratch", lay.ffn * R), aligned_empty(lay.ffn * R))
+        records = scratch.view(lay.dtype).reshape(lay.row_shape)
+
+        def run_naive(state, x, *_):
+            t0 = time.perf_counter()
+            f.read_into(entry.offset, scratch)
+            t1 = time.perf_counter()
+            y = bundled_ffn(x, records, lay, act, up_bias=up_bias)
+            stats.add(ffn_calls=1, tokens=x.shape[0], neurons_needed=lay.ffn, neurons_loaded=lay.ffn,
+                      io_wait_seconds=t1 - t0, compute_seconds=time.perf_counter() - t1)
+            return y + down_bias if down_bias is not None else y
+
+        return run_naive
+
+    if ctx.mode == "oracle":
+        full = f.read(entry.offset, entry.nbytes).view(lay.dtype).reshape(lay.row_shape)
+        predict = OraclePredictor(lay, full, up_bias)
+        del full
+    else:
+        if not inp[4]:
+            raise ModelFormatError(f"{ctx.manifest.folder} has no sparsity predictors: export with --predictors "
+                                   "to stream, or load with a budget that holds the whole model")
+        threshold = ctx.options.threshold if ctx.options.threshold is not None else node.attrs["threshold"]
+        predict = LowRankPredictor(const(inp[4]), const(inp[5]), const(inp[6]), threshold)
+    capacity = max(min(lay.ffn, MIN_NEURONS), min(lay.ffn, ctx.share // R))
+    window = NeuronWindow(lay.ffn, R, capacity, ctx.options.window, dtype=lay.dtype)
+    raw = window.buf.view(np.uint8).reshape(capacity, R)
+
+    def load(neurons: np.ndarray) -> None:
+        slots = window.reserve(neurons)
+        req = np.empty((neurons.size, 2), dtype=np.int64)
+        req[:, 0] = entry.offset + neurons * R
+        req[:, 1] = R
+        f.read_batch(req, out=raw.reshape(-1), dest=slots * R)
+
+    def run(state, x, *_):
+        t0 = time.perf_counter()
+        needed = predict(x)
+        window.begin_step()
+        evicted = window.drop_stale()
+        y = None
+        io = comp = 0.0
+        loaded = hit = 0
+        # Usually one round; an active set larger than the window is done in pieces.
+        for start in range(0, needed.size, capacity):
+            part = needed[start:start + capacity]
+            t1 = time.perf_counter()
+            missing = window.touch(part)
+            hit += part.size - missing.size
+            evicted += window.make_room(missing.size, part)
+            if missing.size:
+                load(missing)
+                loaded += missing.size
+            t2 = time.perf_counter()
+            slots = window.slot_of[part]
+            yp = bundled_ffn(x, window.buf, lay, act, rows=slots, neuron_ids=part, up_bias=up_bias)
+            y = yp if y is None else y + yp
+            io += t2 - t1
+            comp += time.perf_counter() - t2
+        if y is None:
+            y = np.zeros_like(x)
+        stats.add(ffn_calls=1, tokens=x.shape[0], neurons_needed=needed.size, neurons_hit=hit,
+                  neurons_loaded=loaded, neurons_evicted=evicted, io_wait_seconds=io,
+                  compute_seconds=comp + (t1 - t0 if needed.size else 0.0))
+        return y + down_bias if down_bias is not None else y
+
+    run.window = window
+    return run

@@ -1,0 +1,313 @@
+"""Every kernel against a plain numpy reference, over many shapes, with stated tolerances.
+
+Tolerances. The kernels sum in a different order than numpy (vector lanes, blocks,
+threads), so for dot products the error is bounded by the size of the terms, not of
+the result: |y - y_ref| <= tol * sum_k |x_k| |w_k| (elementwise), with y_ref computed in
+float64. For float32 sums of K <= 1024 terms the observed ratio is ~1e-7; tol = 1e-5
+leaves a 100x margin and still catches any real mistake (a wrong nibble, scale or block
+shifts the result by O(1e-1) of that bound, see test_bound_is_not_vacuous).
+"""
+from __future__ import annotations
+
+import zlib
+
+import numba
+import numpy as np
+import pytest
+
+from edgeinfer.kernels import (apply_rotary, attention, gather_f16, gather_nbits, layer_norm,
+                               matmul_f16, matmul_nbits, rms_norm)
+from edgeinfer.kernels import quant
+from export.quantize import dequantize, quantize
+
+DOT_TOL = 1e-5          # see the module docstring
+ALL_THREADS = numba.config.NUMBA_NUM_THREADS
+
+
+def rng_for(*key):
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def assert_dot_close(y, x, w, tol=DOT_TOL):
+    """y ~ x @ w.T with |error| <= tol * (|x| @ |w|.T) elementwise."""
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    ref = x64 @ w64.T
+    bound = tol * (np.abs(x64) @ np.abs(w64).T) + 1e-30
+    worst = float(np.max(np.abs(y - ref) / bound))
+    assert worst <= 1.0, f"error is {worst:.3g}x the allowed bound"
+
+
+def random_quantized(rng, N, K, bits, bs):
+    w = rng.standard_normal((N, K), dtype=np.float32)
+    return quantize(w, bits, bs)
+
+
+@pytest.fixture
+def threads():
+    """Restore the Numba thread count after a test that changes it."""
+    yield
+    numba.set_num_threads(ALL_THREADS)
+
+
+# ---------------------------------------------------------------------------- quantized
+
+SHAPES = [(N, K) for K in (64, 256, 1024) for N in (7, 64)]
+
+
+@pytest.mark.parametrize("bits", [4, 8, 2])
+@pytest.mark.parametrize("bs", [32, 64, 128])
+@pytest.mark.parametrize("M", [1, 3, 64])
+def test_matmul_nbits_matches_dequantize(bits, bs, M):
+    for N, K in SHAPES:
+        if K % bs:
+            continue
+        rng = rng_for("mm", bits, bs, M, N, K)
+        packed, scales = random_quantized(rng, N, K, bits, bs)
+        x = rng.standard_normal((M, K), dtype=np.float32)
+        y = matmul_nbits(x, packed, scales, bits, bs)
+        assert y.shape == (M, N) and y.dtype == np.float32
+        assert_dot_close(y, x, dequantize(packed, scales, bits))
+
+
+@pytest.mark.parametrize("bits,bs", [(4, 16), (2, 32), (8, 16)])
+def test_matmul_nbits_small_blocks(bits, bs):
+    """Blocks of fewer than 16 bytes take the plain-loop fallback; same contract."""
+    for M in (1, 5):
+        rng = rng_for("small", bits, bs, M)
+        packed, scales = random_quantized(rng, 9, 128, bits, bs)
+        x = rng.standard_normal((M, 128), dtype=np.float32)
+        assert_dot_close(matmul_nbits(x, packed, scales, bits, bs), x,
+                         dequantize(packed, scales, bits))
+
+
+def test_matmul_nbits_long_rows():
+    """K large enough for the 4-row GEMV variant (x no longer fits in L1), N % 4 != 0."""
+    rng = rng_for("long")
+    packed, scales = random_quantized(rng, 30, 8192, 4, 32)
+    x = rng.standard_normal((1, 8192), dtype=np.float32)
+    # K = 8192 terms: float32 reordering error grows ~sqrt(K); still far under 1e-5.
+    assert_dot_close(matmul_nbits(x, packed, scales, 4, 32), x, dequantize(packed, scales, 4))
+
+
+def test_matmul_nbits_padded_k():
+    """MatMulNBits semantics: K not a multiple of the block, the last block padded."""
+    rng = rng_for("pad")
+    packed, scales = random_quantized(rng, 8, 256, 4, 32)
+    x = rng.standard_normal((2, 250), dtype=np.float32)
+    y = matmul_nbits(x, packed, scales, 4, 32)
+    assert_dot_close(y, x, dequantize(packed, scales, 4)[:, :250])
+
+
+def test_matmul_nbits_out_and_nan():
+    rng = rng_for("out")
+    packed, scales = random_quantized(rng, 16, 256, 4, 32)
+    x = rng.standard_normal((1, 256), dtype=np.float32)
+    out = np.full((1, 16), 7.0, dtype=np.float32)
+    assert matmul_nbits(x, packed, scales, 4, 32, out=out) is out
+    assert_dot_close(out, x, dequantize(packed, scales, 4))
+    x[0, 3] = np.nan     # fast-math flags exclude nnan: a NaN must reach every output
+    assert np.isnan(matmul_nbits(x, packed, scales, 4, 32)).all()
+
+
+def test_bound_is_not_vacuous():
+    """The tolerance above catches the classic layout mistake (nibbles swapped)."""
+    rng = rng_for("swap")
+    packed, scales = random_quantized(rng, 16, 256, 4, 32)
+    x = rng.standard_normal((1, 256), dtype=np.float32)
+    swapped = ((packed << 4) | (packed >> 4)).astype(np.uint8)
+    with pytest.raises(AssertionError):
+        assert_dot_close(matmul_nbits(x, swapped, scales, 4, 32), x,
+                         dequantize(packed, scales, 4))
+
+
+@pytest.mark.skipif(not quant.HAS_VNNI, reason="int8 activations need AVX512-VNNI")
+@pytest.mark.parametrize("bits,bs", [(4, 32), (4, 128), (8, 32), (8, 128), (2, 64)])
+@pytest.mark.parametrize("M", [1, 6])
+def test_matmul_nbits_int8_activations(bits, bs, M):
+    N, K = 37, 1024
+    rng = rng_for("i8", bits, bs, M)
+    packed, scales = random_quantized(rng, N, K, bits, bs)
+    w = dequantize(packed, scales, bits)
+    x = rng.standard_normal((M, K), dtype=np.float32)
+    assert quant.int8_activations_supported(bits, bs, K)
+    y = matmul_nbits(x, packed, scales, bits, bs, int8_activations=True)
+    # Exact machinery: against the float reference on the kernel's own int8 activations.
+    x8, sx, _ = quant.quantize_activations(x, bits, bs)
+    P = 8 // bits
+    xq = np.empty((M, K), dtype=np.float32)
+    for t in range(P):
+        xq[:, t::P] = x8[t]
+    xq *= np.repeat(sx, 4 * P, axis=1)
+    assert_dot_close(y, xq, w)
+    # The rounding itself: each activation is off by at most half its block's step.
+    step = np.repeat(sx, 4 * P, axis=1)
+    assert np.all(np.abs(xq - x) <= 0.5 * step * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("M", [1, 3, 64])
+def test_matmul_f16(M):
+    for N, K in [(7, 64), (64, 256), (33, 1000)]:   # K % 16 != 0 exercises the tail
+        rng = rng_for("f16", M, N, K)
+        w16 = rng.standard_normal((N, K)).astype(np.float16)
+        x = rng.standard_normal((M, K), dtype=np.float32)
+        y = matmul_f16(x, w16)
+        assert y.shape == (M, N) and y.dtype == np.float32
+        assert_dot_close(y, x, w16.astype(np.float32))
+
+
+@pytest.mark.parametrize("bits,bs", [(4, 32), (8, 64), (2, 128), (2, 32)])
+def test_gather(bits, bs):
+    rng = rng_for("gather", bits, bs)
+    packed, scales = random_quantized(rng, 50, 256, bits, bs)
+    ids = np.array([3, 0, 49, 3, 17])
+    # Same float32 operations as the reference ((q - zp) * scale): equal bit for bit.
+    np.testing.assert_array_equal(gather_nbits(packed, scales, ids, bits, bs),
+                                  dequantize(packed, scales, bits)[ids])
+    w16 = rng.standard_normal((50, 24)).astype(np.float16)
+    np.testing.assert_array_equal(gather_f16(w16, ids), w16[ids].astype(np.float32))
+    assert gather_nbits(packed, scales, [], bits, bs).shape == (0, 256)
+    with pytest.raises(IndexError):
+        gather_nbits(packed, scales, [50], bits, bs)
+
+
+def test_quant_validation():
+    packed, scales = random_quantized(rng_for("val"), 8, 64, 4, 32)
+    x = np.ones((1, 64), dtype=np.float32)
+    with pytest.raises(TypeError):
+        matmul_nbits(x.astype(np.float64), packed, scales, 4, 32)
+    with pytest.raises(ValueError):
+        matmul_nbits(np.ones((1, 16), np.float32), packed, scales, 4, 32)
+    with pytest.raises(ValueError):
+        matmul_nbits(x, packed, scales, 4, 64)          # block size does not match the blobs
+    with pytest.raises(ValueError):
+        matmul_nbits(x, packed, scales, 3, 32)
+    with pytest.raises(TypeError):
+        matmul_nbits(x, packed, scales[:, :1], 4, 32)
+    with pytest.raises(ValueError):
+        matmul_nbits(x, packed, scales, 4, 32, out=np.empty((1, 9), np.float32))
+
+
+# -------------------------------------------------------------------------------- norms
+
+def test_rms_norm():
+    for M, K in [(1, 64), (3, 256), (64, 1024)]:
+        rng = rng_for("rms", M, K)
+        x = rng.standard_normal((M, K), dtype=np.float32) * 3
+        w = rng.standard_normal(K, dtype=np.float32)
+        x64 = x.astype(np.float64)
+        ref = x64 / np.sqrt((x64 ** 2).mean(axis=1, keepdims=True) + 1e-6) * w
+        # A handful of float32 roundings per element: 1e-6 relative + tiny absolute.
+        np.testing.assert_allclose(rms_norm(x, w, 1e-6), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_layer_norm():
+    for M, K in [(1, 64), (3, 256), (64, 1024)]:
+        rng = rng_for("ln", M, K)
+        # An offset of 1000 makes a naive float32 E[x^2] - E[x]^2 lose all its digits.
+        x = rng.standard_normal((M, K), dtype=np.float32) + 1000
+        w = rng.standard_normal(K, dtype=np.float32)
+        b = rng.standard_normal(K, dtype=np.float32)
+        x64 = x.astype(np.float64)
+        mu = x64.mean(axis=1, keepdims=True)
+        ref = (x64 - mu) / np.sqrt(((x64 - mu) ** 2).mean(axis=1, keepdims=True) + 1e-5) * w + b
+        # x - mean in float32 is exact to ~1000 * 6e-8 = 6e-5 before normalisation (var ~1).
+        np.testing.assert_allclose(layer_norm(x, w, b, 1e-5), ref, rtol=1e-5, atol=2e-4)
+
+
+# ---------------------------------------------------------------------------- attention
+
+def rotary_ref(x, cos, sin, R):
+    out = x.astype(np.float64).copy()
+    h = R // 2
+    x1, x2 = out[..., :h].copy(), out[..., h:R].copy()
+    c, s = cos[:, None, :], sin[:, None, :]
+    out[..., :h] = x1 * c - x2 * s
+    out[..., h:R] = x2 * c + x1 * s
+    return out
+
+
+@pytest.mark.parametrize("S,H,D,R", [(1, 4, 64, 64), (5, 3, 64, 32), (17, 2, 128, 128)])
+def test_apply_rotary(S, H, D, R):
+    rng = rng_for("rot", S, H, D, R)
+    x = rng.standard_normal((S, H, D), dtype=np.float32)
+    theta = rng.uniform(0, 100, size=(S, R // 2))
+    cos, sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+    ref = rotary_ref(x, cos, sin, R)
+    y = x.copy()
+    assert apply_rotary(y, cos, sin, R) is y                    # in place
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6)       # two products and a sum
+    np.testing.assert_array_equal(y[..., R:], x[..., R:])       # untouched beyond R
+
+
+def attention_ref(q, kc, vc, past, scale):
+    S, H, D = q.shape
+    rep = H // kc.shape[0]
+    T = past + S
+    out = np.empty((S, H, D))
+    mask = np.arange(T)[None, :] > (past + np.arange(S))[:, None]
+    for h in range(H):
+        g = h // rep
+        sc = q[:, h].astype(np.float64) @ kc[g, :T].T.astype(np.float64) * scale
+        sc[mask] = -np.inf
+        p = np.exp(sc - sc.max(axis=1, keepdims=True))
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ vc[g, :T]
+    return out
+
+
+@pytest.mark.parametrize("S,past", [(1, 0), (1, 37), (5, 11), (40, 0), (33, 20)])
+@pytest.mark.parametrize("H,KVH", [(8, 2), (4, 4), (6, 1)])
+def test_attention(S, past, H, KVH):
+    D, T_max = 32, 96
+    rng = rng_for("attn", S, past, H, KVH)
+    q = rng.standard_normal((S, H, D), dtype=np.float32)
+    kc = rng.standard_normal((KVH, T_max, D), dtype=np.float32)
+    vc = rng.standard_normal((KVH, T_max, D), dtype=np.float32)
+    kc[:, past + S:] = np.nan    # beyond the causal horizon: must never be read
+    vc[:, past + S:] = np.nan
+    y = attention(q, kc, vc, past, D ** -0.5)
+    assert y.shape == (S, H, D) and y.dtype == np.float32
+    # Outputs are convex combinations of |v| ~ 1 values; float32 scores and sums of
+    # <= 73 terms: 1e-5 absolute is ~100x the observed error.
+    np.testing.assert_allclose(y, attention_ref(q, kc, vc, past, D ** -0.5), rtol=0, atol=1e-5)
+
+
+def test_attention_validation():
+    q = np.zeros((2, 4, 8), np.float32)
+    kc = np.zeros((2, 10, 8), np.float32)
+    with pytest.raises(ValueError):
+        attention(q, kc, kc, 9, 1.0)                 # 9 + 2 > T_max
+    with pytest.raises(ValueError):
+        attention(np.zeros((2, 3, 8), np.float32), kc, kc, 0, 1.0)   # 3 heads over 2 kv heads
+
+
+# -------------------------------------------------------------------------------- threads
+
+@pytest.mark.skipif(ALL_THREADS < 2, reason="needs more than one thread")
+def test_results_do_not_depend_on_thread_count(threads):
+    """Each output is computed by one thread in a fixed order: 1 thread == all threads."""
+    rng = rng_for("threads")
+    packed, scales = random_quantized(rng, 257, 1024, 4, 32)
+    p8, s8 = random_quantized(rng, 64, 512, 2, 32)
+    w16 = rng.standard_normal((99, 512)).astype(np.float16)
+    xs = {M: rng.standard_normal((M, 1024), dtype=np.float32) for M in (1, 3, 64)}
+    q = rng.standard_normal((20, 8, 32), dtype=np.float32)
+    kc = rng.standard_normal((2, 64, 32), dtype=np.float32)
+    vc = rng.standard_normal((2, 64, 32), dtype=np.float32)
+    w = rng.standard_normal(1024, dtype=np.float32)
+
+    def run_all():
+        out = [matmul_nbits(x, packed, scales, 4, 32) for x in xs.values()]
+        out.append(matmul_nbits(xs[3][:, :512], p8, s8, 2, 32))             # fallback path
+        out.append(matmul_f16(xs[3][:, :512], w16))
+        if quant.HAS_VNNI:
+            out.append(matmul_nbits(xs[3], packed, scales, 4, 32, int8_activations=True))
+        out.append(attention(q, kc, vc, 10, 0.2))
+        out.append(rms_norm(xs[64], w, 1e-6))
+        out.append(layer_norm(xs[64], w, w, 1e-5))
+        return out
+
+    numba.set_num_threads(1)
+    single = run_all()
+    numba.set_num_threads(ALL_THREADS)
+    for a, b in zip(single, run_all()):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,150 @@
+"""Flash streaming of FFN neurons: window mechanics, exactness with the oracle,
+quality with the learned predictors, budgets, I/O accounting."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgeinfer
+from conftest import DENSE
+from edgeinfer.errors import BudgetError
+from edgeinfer.eval import perplexity
+from edgeinfer.sparsity.window import NeuronWindow
+
+
+def ffn_budget(folder, fraction: float) -> int:
+    """Bytes that hold every resident weight plus `fraction` of the FFN bundles."""
+    from edgeinfer.manifest import read_manifest
+    m = read_manifest(folder)
+    total = sum(f["size"] for k, f in m.files.items() if k.endswith(".bin"))
+    ffn = m.files["ffn.bin"]["size"]
+    return total - ffn + int(fraction * ffn)
+
+
+# ---- the window ----------------------------------------------------------------------------
+def test_window_insert_delete_keeps_a_dense_prefix():
+    w = NeuronWindow(ffn=100, record_bytes=8, capacity=6, window=2)
+    w.begin_step()
+    slots = w.reserve(np.array([5, 7, 9]))
+    w.buf[slots] = np.array([[5] * 8, [7] * 8, [9] * 8], dtype=np.uint8)
+    assert w.count == 3 and list(w.slot_of[[5, 7, 9]]) == [0, 1, 2]
+    w._delete_slots(np.array([0]))        # the last record moves into the freed slot
+    assert w.count == 2 and w.slot_of[5] == -1 and w.slot_of[9] == 0 and (w.buf[0] == 9).all()
+    assert sorted(w.neuron_at[:w.count]) == [7, 9]
+
+
+def test_window_keeps_last_k_tokens_only():
+    w = NeuronWindow(ffn=50, record_bytes=4, capacity=10, window=2)
+    w.begin_step()
+    w.reserve(np.array([1, 2]))
+    w.begin_step()
+    assert list(w.touch(np.array([2, 3]))) == [3]
+    w.reserve(np.array([3]))
+    w.begin_step()                         # step 3: neuron 1 last used at step 1 -> stale
+    assert w.drop_stale() == 1 and w.slot_of[1] == -1 and w.slot_of[2] >= 0
+
+
+def test_make_room_evicts_least_recently_used_not_needed():
+    w = NeuronWindow(ffn=50, record_bytes=4, capacity=3, window=0)
+    for n in (10, 11, 12):
+        w.begin_step()
+        w.reserve(np.array([n]))
+    w.begin_step()
+    w.touch(np.array([10]))
+    assert w.make_room(2, keep=np.array([10, 20, 21])) == 2
+    assert w.slot_of[10] >= 0 and w.slot_of[11] == -1 and w.slot_of[12] == -1
+
+
+# ---- exactness -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("fraction", [0.08, 0.3, 0.7])
+def test_oracle_streaming_equals_resident(name, fraction, exported):
+    """With the true active set, streaming changes nothing but summation order,
+    whatever the budget (small ones process the active set in rounds)."""
+    folder = exported(name, "int8")
+    res = edgeinfer.load(folder)
+    streamed = edgeinfer.load(folder, memory_budget=ffn_budget(folder, fraction), mode="oracle")
+    assert streamed.mode == "oracle"
+    ids = res.tokenizer.encode("The king said that he would not go to the war, for")
+    np.testing.assert_allclose(streamed.logits(ids), res.logits(ids), atol=2e-4, rtol=0)
+    c1, c2 = res.new_cache(), streamed.new_cache()
+    res.forward(ids[:4], c1)
+    streamed.forward(ids[:4], c2)
+    for t in ids[4:]:
+        np.testing.assert_allclose(streamed.forward([t], c2), res.forward([t], c1), atol=2e-4, rtol=0)
+    s = streamed.stats.snapshot()
+    assert s["neurons_loaded"] > 0 and s["io_bytes_requested"] > 0
+
+
+# ---- quality with the learned predictor --------------------------------------------------------
+@pytest.mark.parametrize("name", DENSE)
+def test_predictor_quality_at_half_ffn_budget(name, exported, wikitext_ids):
+    """Token-by-token perplexity (the predictor chooses per token) at a budget that holds
+    half of the FFN, against resident: within +2%."""
+    folder = exported(name, "int8", predictors=True)
+    ids = wikitext_ids[:4096]
+    base = perplexity(edgeinfer.load(folder), ids, stepwise=True)
+    model = edgeinfer.load(folder, memory_budget=ffn_budget(folder, 0.5))
+    assert model.mode == "streaming"
+    ppl = perplexity(model, ids, stepwise=True)
+    s = model.stats.snapshot()
+    per_call = s["neurons_needed"] / s["ffn_calls"]
+    print(f"{name}: resident ppl {base:.3f}, streaming ppl {ppl:.3f} ({ppl / base - 1:+.2%}); "
+          f"{per_call:.0f} neurons/layer/token chosen, {s['neurons_loaded'] / s['ffn_calls']:.1f} loaded")
+    assert ppl / base - 1 < 0.02
+
+
+def test_predictor_statistics_in_manifest(exported):
+    from edgeinfer.manifest import read_manifest
+    m = read_manifest(exported("opt-relu-7m", "int8", predictors=True))
+    stats = m.raw["predictors"]
+    assert len(stats) == m.config.num_layers
+    for s in stats:
+        assert 0.9 <= s["recall"] <= 1 and 0 < s["precision"] <= 1 and s["predicted_active"] < 0.8
+
+
+# ---- budgets and accounting --------------------------------------------------------------------
+def test_budget_below_resident_minimum(exported):
+    folder = exported("opt-relu-7m", "int8", predictors=True)
+    with pytest.raises(BudgetError, match=r"below this model's resident minimum .*\(minimum \d+ bytes"):
+        edgeinfer.load(folder, memory_budget=ffn_budget(folder, 0.0))
+
+
+def test_window_buffers_stay_within_budget(exported):
+    folder = exported("llama-relu-8m", "int8", predictors=True)
+    budget = ffn_budget(folder, 0.4)
+    model = edgeinfer.load(folder, memory_budget=budget)
+    windows = [fn.window for fn, _, _ in model.executor.plan if hasattr(fn, "window")]
+    assert len(windows) == model.config.num_layers
+    assert model.resident_bytes + sum(w.nbytes for w in windows) <= budget
+
+
+def test_naive_reads_the_whole_ffn_every_token(exported):
+    folder = exported("opt-relu-7m", "int8", predictors=True)
+    model = edgeinfer.load(folder, memory_budget=ffn_budget(folder, 0.5), mode="naive")
+    ffn_bytes = sum(e.nbytes for e in model.manifest.tensors.values() if e.name.endswith(".ffn.bundle"))
+    model.generate("The king said", max_new_tokens=5)
+    s = model.stats.snapshot()
+    assert s["io_bytes_requested"] == ffn_bytes * s["ffn_calls"] // model.config.num_layers
+    assert s["ffn_calls"] == model.config.num_layers * 5   # prefill + 4 decode steps
+
+
+def test_streaming_reads_less_than_naive(exported):
+    folder = exported("opt-relu-7m", "int8", predictors=True)
+    budget = ffn_budget(folder, 0.5)
+    a = edgeinfer.load(folder, memory_budget=budget, mode="naive")
+    b = edgeinfer.load(folder, memory_budget=budget)
+    prompt = "The king said that he would"
+    a.generate(prompt, max_new_tokens=16)
+    b.generate(prompt, max_new_tokens=16)
+    na, nb = a.stats.snapshot()["io_bytes_requested"], b.stats.snapshot()["io_bytes_requested"]
+    print(f"flash bytes: naive {na}, streaming {nb} ({nb / na:.1%})")
+    assert nb < 0.35 * na
+
+
+def test_cli_generate_with_budget(exported, capsys):
+    from edgeinfer.cli import main
+    folder = exported("llama-relu-8m", "int8", predictors=True)
+    assert main(["generate", "The king said", "-m", str(folder), "--memory-budget",
+                 str(ffn_budget(folder, 0.5)), "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("The king said")
