@@ -1,15 +1,19 @@
 """Kernel benchmark: quantized GEMV against this machine's memory bandwidth and
 against onnxruntime's MatMulNBits on the same packed weights.
 
-    python benchmarks/kernels.py                 # table
-    python benchmarks/kernels.py --json out.json # table, and the numbers as JSON
-    python benchmarks/kernels.py --prefill       # also the M sweep (GEMV -> GEMM path)
+    python benchmarks/kernels.py                 # tables
+    python benchmarks/kernels.py --json out.json # tables, and the numbers as JSON
+    python benchmarks/kernels.py --prefill       # also the M sweep (prefill / batches)
 
 Decode reads every weight once per token, so the weights are streamed from DRAM:
 each measurement cycles over enough copies of the matrix to exceed the last-level
 cache (a single 28 MB int4 matrix would otherwise sit in a 32 MB L3 and flatter both
 kernels). GB/s counts weight bytes (packed + scales) per call; the fraction is of the
 memcpy bandwidth (read + write bytes of a 256 MiB numpy copy, best of several).
+Two comparisons: our float32 path (the default) against MatMulNBits accuracy_level=0
+(float32 compute), and our int8-activation path against accuracy_level=4 (int8
+activations), each like for like. Times are the best of all rounds: on a shared
+machine other work only ever adds time.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numba  # noqa: E402
 
 from edgeinfer.kernels import matmul_nbits  # noqa: E402
+from edgeinfer.kernels.quant import int8_activations_supported  # noqa: E402
 from export.quantize import quantize  # noqa: E402
 
 SHAPES = ((11008, 4096), (4096, 11008))   # (N, K): up/gate-like and down-like
@@ -99,6 +104,8 @@ def ort_sessions(weights, N, K, bits, block, threads, accuracy_level):
 
 
 def gemv_rows(args, memcpy, rng):
+    """One row per (bits, shape, threads): our float32 and int8-activation paths, and
+    onnxruntime's MatMulNBits at accuracy_level 0 (float32) and 4 (int8 activations)."""
     rows = []
     for bits in args.bits:
         for N, K in SHAPES:
@@ -106,49 +113,78 @@ def gemv_rows(args, memcpy, rng):
             nbytes = weights[0][0].nbytes + weights[0][1].nbytes
             x = rng.standard_normal((1, K), dtype=np.float32)
             out = np.empty((1, N), dtype=np.float32)
+            int8 = int8_activations_supported(bits, args.block_size, K)
             for threads in args.threads:
                 numba.set_num_threads(threads)
-                ours = _best([lambda p=p, s=s: matmul_nbits(x, p, s, bits, args.block_size, out=out)
-                              for p, s in weights], args.reps)
                 row = dict(bits=bits, N=N, K=K, block=args.block_size, threads=threads,
-                           weight_bytes=nbytes, numba_ms=ours * 1e3, numba_gbs=nbytes / ours / 1e9,
-                           numba_frac_memcpy=nbytes / ours / 1e9 / memcpy)
+                           weight_bytes=nbytes)
+
+                def record(name, seconds):
+                    row[f"{name}_ms"] = seconds * 1e3
+                    row[f"{name}_gbs"] = nbytes / seconds / 1e9
+                    row[f"{name}_frac_memcpy"] = nbytes / seconds / 1e9 / memcpy
+
+                for name, i8 in (("numba", False), ("numba_int8", True)):
+                    if i8 and not int8:
+                        continue
+                    record(name, _best([lambda p=p, s=s, i8=i8: matmul_nbits(
+                        x, p, s, bits, args.block_size, out=out, int8_activations=i8)
+                        for p, s in weights], args.reps))
                 if not args.no_ort:
-                    sess = ort_sessions(weights, N, K, bits, args.block_size, threads,
-                                        args.ort_accuracy_level)
-                    theirs = _best([lambda s=s: s.run(None, {"x": x}) for s in sess], args.reps)
-                    row.update(ort_ms=theirs * 1e3, ort_gbs=nbytes / theirs / 1e9,
-                               speedup_vs_ort=theirs / ours)
-                    del sess
+                    for name, level in (("ort", 0), ("ort_a4", 4)):
+                        sess = ort_sessions(weights, N, K, bits, args.block_size, threads, level)
+                        record(name, _best([lambda s=s: s.run(None, {"x": x}) for s in sess],
+                                           args.reps))
+                        del sess
                 rows.append(row)
-                _print_gemv(row)
+                print(f"  measured int{bits} {N} x {K}, {threads} thread(s)", flush=True)
     return rows
 
 
 def prefill_rows(args, rng):
-    """Time per call against M at one shape: where the fused path hands over to BLAS."""
+    """Time per call against M at one shape (all threads)."""
     rows = []
     N, K = SHAPES[0]
     numba.set_num_threads(max(args.threads))
     for bits in args.bits:
         packed, scales = _weights(N, K, bits, args.block_size, rng)[0]
-        for M in (1, 2, 4, 8, 12, 16, 24, 32, 64, 128, 512):
+        for M in (1, 2, 4, 8, 16, 32, 64, 128, 512):
             x = rng.standard_normal((M, K), dtype=np.float32)
-            t = _best([lambda: matmul_nbits(x, packed, scales, bits, args.block_size)], 3)
-            rows.append(dict(bits=bits, N=N, K=K, M=M, ms=t * 1e3, gflops=2 * M * N * K / t / 1e9))
-            print(f"  prefill int{bits} M={M:4d}  {t * 1e3:8.2f} ms  {2 * M * N * K / t / 1e9:7.1f} GFLOP/s")
+            line = f"  int{bits} M={M:4d}"
+            for name, i8 in (("numba", False), ("numba_int8", True)):
+                if i8 and not int8_activations_supported(bits, args.block_size, K):
+                    continue
+                t = _best([lambda: matmul_nbits(x, packed, scales, bits, args.block_size,
+                                                int8_activations=i8)], 3 if M <= 64 else 1)
+                rows.append(dict(path=name, bits=bits, N=N, K=K, M=M, ms=t * 1e3,
+                                 gflops=2 * M * N * K / t / 1e9))
+                line += f" | {name:10} {t * 1e3:8.2f} ms {2 * M * N * K / t / 1e9:6.1f} GFLOP/s"
+            print(line)
     return rows
 
 
-_HEADER = (f"{'kernel':6} {'N x K':>12} {'thr':>3} | {'numba ms':>8} {'GB/s':>6} {'of memcpy':>9} | "
-           f"{'ort ms':>7} {'GB/s':>6} | {'numba/ort':>9}")
+def _cell(row, name, memcpy_col=True):
+    if f"{name}_ms" not in row:
+        return f"{'-':>8} {'-':>6}" + (f" {'-':>6}" if memcpy_col else "")
+    text = f"{row[name + '_ms']:8.3f} {row[name + '_gbs']:6.2f}"
+    return text + (f" {100 * row[name + '_frac_memcpy']:5.1f}%" if memcpy_col else "")
 
 
-def _print_gemv(r):
-    ort = (f"{r['ort_ms']:7.3f} {r['ort_gbs']:6.2f} | {r['speedup_vs_ort']:8.2f}x"
-           if "ort_ms" in r else f"{'-':>7} {'-':>6} | {'-':>9}")
-    print(f"int{r['bits']:<3} {r['N']:>5} x {r['K']:<5} {r['threads']:>3} | {r['numba_ms']:8.3f} "
-          f"{r['numba_gbs']:6.2f} {100 * r['numba_frac_memcpy']:8.1f}% | {ort}")
+def _ratio(row, ours, theirs):
+    if f"{ours}_ms" in row and f"{theirs}_ms" in row:
+        return f"{row[theirs + '_ms'] / row[ours + '_ms']:7.2f}x"
+    return f"{'-':>8}"
+
+
+def print_table(rows, ours, theirs, title):
+    head = (f"{'kernel':6} {'N x K':>12} {'thr':>3} | {'numba ms':>8} {'GB/s':>6} {'memcpy':>6} | "
+            f"{'ort ms':>8} {'GB/s':>6} | {'numba/ort':>9}")
+    print(f"\n{title}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"int{r['bits']:<3} {r['N']:>5} x {r['K']:<5} {r['threads']:>3} | {_cell(r, ours)} | "
+              f"{_cell(r, theirs, False)} | {_ratio(r, ours, theirs):>9}")
 
 
 def main(argv=None):
@@ -162,10 +198,11 @@ def main(argv=None):
                     help="thread counts to measure (default: 1 and all cores)")
     ap.add_argument("--reps", type=int, default=20, help="rounds over the weight copies; best is kept")
     ap.add_argument("--no-ort", action="store_true", help="skip onnxruntime")
-    ap.add_argument("--ort-accuracy-level", type=int, default=0,
-                    help="MatMulNBits accuracy_level (0: float32 compute, 4: int8 activations)")
     ap.add_argument("--prefill", action="store_true", help="also time M = 1 .. 512 (all threads)")
+    ap.add_argument("--quick", action="store_true", help="int4 only, 5 rounds: a smoke run")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.bits, args.reps = [4], 5
 
     rng = np.random.default_rng(0)
     memcpy = memcpy_bandwidth(reps=8)
@@ -173,10 +210,15 @@ def main(argv=None):
     print(f"memcpy bandwidth (numpy copy of 256 MiB, read + write): {memcpy:.1f} GB/s")
     print(f"GEMV, M = 1, block {args.block_size}; weights streamed from DRAM "
           f"({STREAM_BYTES >> 20} MiB of copies per round), best of {args.reps} rounds")
-    print(_HEADER)
-    print("-" * len(_HEADER))
-    result = dict(memcpy_gbs=memcpy, gemv=gemv_rows(args, memcpy, rng))
+    rows = gemv_rows(args, memcpy, rng)
+    print_table(rows, "numba", "ort", "float32 activations (the default) vs onnxruntime "
+                "MatMulNBits accuracy_level=0; 'memcpy' = GB/s as a fraction of memcpy")
+    if any("numba_int8_ms" in r for r in rows):
+        print_table(rows, "numba_int8", "ort_a4", "int8 activations (int8_activations=True) "
+                    "vs onnxruntime MatMulNBits accuracy_level=4")
+    result = dict(memcpy_gbs=memcpy, gemv=rows)
     if args.prefill:
+        print("\nM sweep (prefill / batches), all threads:")
         result["prefill"] = prefill_rows(args, rng)
     if args.json:
         text = json.dumps(result, indent=2)

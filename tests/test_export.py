@@ -94,7 +94,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     """Ctrl-C in the middle of writing: no folder under the final name, no partial folder left."""
     import export.decoder as decoder
 
-    real = decoder.dense_ffn
+    real = decoder.bundled_ffn
     calls = {"n": 0}
 
     def interrupt(*a, **kw):
@@ -103,7 +103,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(decoder, "dense_ffn", interrupt)
+    monkeypatch.setattr(decoder, "bundled_ffn", interrupt)
     with pytest.raises(KeyboardInterrupt):
         export(MODELS / "opt-relu-7m", tmp_path / "out", progress=False)
     assert _no_folders(tmp_path, "out")

@@ -56,7 +56,7 @@ SHAPES = [(N, K) for K in (64, 256, 1024) for N in (7, 64)]
 
 @pytest.mark.parametrize("bits", [4, 8, 2])
 @pytest.mark.parametrize("bs", [32, 64, 128])
-@pytest.mark.parametrize("M", [1, 3, 64])
+@pytest.mark.parametrize("M", [1, 3, 13, 64])   # 13 = 8 + 4 + 1: every row-group width
 def test_matmul_nbits_matches_dequantize(bits, bs, M):
     for N, K in SHAPES:
         if K % bs:
@@ -105,6 +105,9 @@ def test_matmul_nbits_out_and_nan():
     out = np.full((1, 16), 7.0, dtype=np.float32)
     assert matmul_nbits(x, packed, scales, 4, 32, out=out) is out
     assert_dot_close(out, x, dequantize(packed, scales, 4))
+    x3 = rng.standard_normal((2, 3, 256), dtype=np.float32)   # [..., K] as ONNX MatMul
+    np.testing.assert_array_equal(matmul_nbits(x3, packed, scales, 4, 32),
+                                  matmul_nbits(x3.reshape(6, 256), packed, scales, 4, 32).reshape(2, 3, 16))
     x[0, 3] = np.nan     # fast-math flags exclude nnan: a NaN must reach every output
     assert np.isnan(matmul_nbits(x, packed, scales, 4, 32)).all()
 
@@ -144,7 +147,7 @@ def test_matmul_nbits_int8_activations(bits, bs, M):
     assert np.all(np.abs(xq - x) <= 0.5 * step * (1 + 1e-6))
 
 
-@pytest.mark.parametrize("M", [1, 3, 64])
+@pytest.mark.parametrize("M", [1, 3, 13, 64])
 def test_matmul_f16(M):
     for N, K in [(7, 64), (64, 256), (33, 1000)]:   # K % 16 != 0 exercises the tail
         rng = rng_for("f16", M, N, K)
@@ -166,6 +169,9 @@ def test_gather(bits, bs):
     w16 = rng.standard_normal((50, 24)).astype(np.float16)
     np.testing.assert_array_equal(gather_f16(w16, ids), w16[ids].astype(np.float32))
     assert gather_nbits(packed, scales, [], bits, bs).shape == (0, 256)
+    ids2 = ids[:4].reshape(2, 2)                     # ONNX Gather: ids.shape + (K,)
+    np.testing.assert_array_equal(gather_nbits(packed, scales, ids2, bits, bs),
+                                  dequantize(packed, scales, bits)[ids2])
     with pytest.raises(IndexError):
         gather_nbits(packed, scales, [50], bits, bs)
 

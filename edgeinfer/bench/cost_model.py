@@ -10,7 +10,8 @@ t_ffn_compute  per layer: every neuron considered pays its first projection, eve
                streaming adds the predictor and the neuron window's bookkeeping.
 t_flash        per layer and token: neurons not in the window are read. Random
                neurons of density p coalesce into runs of 1/(1-p) records (§3.2);
-               O_DIRECT widens each run to whole 4 KiB pages; a run of c bytes
+               O_DIRECT widens each run to whole 4 KiB pages, and runs that
+               then touch merge (page_reads computes this for random draws); a run of c bytes
                reads at the device's bandwidth for c-byte chunks (the flash curve
                of the device profile or probe). Naive mode reads each layer's whole
                bundle in 1 MiB reads.
@@ -24,6 +25,8 @@ run being predicted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ..storage import ALIGN
 from .rates import KernelRates
@@ -50,6 +53,27 @@ def _gemv_s(rates: KernelRates, nbytes: int, bits: int) -> float:
     return nbytes / (gbps * 1e9)
 
 
+def page_reads(ffn: int, record: int, n: int, align: int, trials: int = 3) -> tuple[float, float]:
+    """Bytes and read calls to load n random neurons of a layer: records are widened
+    to `align`, touching or overlapping ranges merge, ranges split at MAX_READ
+    (storage/plan.py). Averaged over a few random draws (seeded: deterministic)."""
+    rng = np.random.default_rng(0)
+    n = min(max(n, 0), ffn)
+    total = calls = 0.0
+    for _ in range(trials):
+        ids = np.sort(rng.choice(ffn, n, replace=False)).astype(np.int64)
+        start = ids * record // align * align
+        end = -(-(ids * record + record) // align) * align
+        reach = np.maximum.accumulate(end)
+        new = np.concatenate(([True], start[1:] > reach[:-1]))
+        first = np.flatnonzero(new)
+        last = np.concatenate((first[1:], [n])) - 1
+        lengths = reach[last] - start[first]
+        total += float(lengths.sum())
+        calls += float((-(-lengths // MAX_READ)).sum())
+    return total / trials, calls / trials
+
+
 def read_time(device, nbytes: float, chunk: float) -> float:
     """Seconds to read nbytes in reads of `chunk` bytes, from the device's flash curve."""
     if nbytes <= 0:
@@ -58,7 +82,8 @@ def read_time(device, nbytes: float, chunk: float) -> float:
 
 
 def predict(traffic: ModelTraffic, mode: str, device, rates: KernelRates, *, context: float,
-            hit_rate: float | None = None, direct_io: bool = True) -> Prediction:
+            hit_rate: float | None = None, expert_hit_rate: float | None = None,
+            direct_io: bool = True) -> Prediction:
     """Predicted ms per decode token of `mode` (resident | naive | streaming | oracle)."""
     s = {"resident_matmuls": sum(_gemv_s(rates, b, bits) for b, bits in traffic.matmuls),
          "attention": traffic.attention_nodes * context * rates.attention_s}
@@ -91,13 +116,22 @@ def predict(traffic: ModelTraffic, mode: str, device, rates: KernelRates, *, con
             loaded = considered * (1.0 - (hit_rate or 0.0))
             window += loaded * rates.window_s
             if loaded > 0:
-                p = min(loaded / F, 0.999)
-                runs = max(1.0, loaded * (1.0 - p))
-                run_bytes = loaded * R / runs
-                per_read = run_bytes + (ALIGN if direct_io else 0)   # page widening of each run
-                flash_bytes += runs * per_read
-                reads += runs * max(1, -(-per_read // MAX_READ))
-                flash += read_time(device, runs * per_read, min(per_read, MAX_READ))
+                nbytes, n_reads = page_reads(F, R, int(round(loaded)), ALIGN if direct_io else 1)
+                flash_bytes += nbytes
+                reads += n_reads
+                flash += read_time(device, nbytes, nbytes / n_reads)
+    for m in traffic.moe:
+        # each routed expert: its whole record through the expert kernel (a GEMV over
+        # gate, up and down); a miss is one contiguous, aligned read of the record
+        ffn_compute += m.top_k * _gemv_s(rates, m.record_bytes, m.bits)
+        if mode == "resident":
+            continue
+        misses = m.top_k if mode == "naive" else m.top_k * (1.0 - (expert_hit_rate or 0.0))
+        flash_bytes += misses * m.record_bytes
+        reads += misses * max(1, -(-m.record_bytes // MAX_READ))
+        flash += read_time(device, misses * m.record_bytes, min(m.record_bytes, MAX_READ))
+    if traffic.moe and mode in ("streaming", "oracle"):
+        inputs["expert_hit_rate"] = expert_hit_rate if expert_hit_rate is not None else 0.0
     s["ffn_compute"] = ffn_compute
     if mode == "streaming":
         s["predictor"] = predictor

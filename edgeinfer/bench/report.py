@@ -5,6 +5,7 @@ Units in the dict: ms, bytes, seconds as named; rates are fractions in [0, 1].
 """
 from __future__ import annotations
 
+import os
 import platform
 import socket
 
@@ -47,8 +48,9 @@ def summarize_mode(mode, info, warm, runs, traffic, device, rates) -> dict:
     floor = floor_ms(device, pt["io_bytes_read"], pt["io_read_calls"], dram["total"])
     p50 = _pct(decode_ms, 50)
     hit_rate = _rate(pt["neurons_hit"], pt["neurons_needed"])
-    pred = predict(traffic, mode, device, rates, context=context,
-                   hit_rate=hit_rate if mode in ("streaming", "oracle") else None)
+    streams = mode in ("streaming", "oracle")
+    pred = predict(traffic, mode, device, rates, context=context, hit_rate=hit_rate if streams else None,
+                   expert_hit_rate=_rate(pt["experts_hit"], pt["experts_needed"]) if streams else None)
     peak_runs = max((r["rss"]["peak"] for r in runs), default=None)
     return {
         "mode": info["mode"],
@@ -112,7 +114,7 @@ def ratios(modes: dict) -> dict:
 
 
 def build_results(*, cfg, manifest, traffic, device, device_source, rates, modes, infos, warm, runs, skipped,
-                  prompt) -> dict:
+                  prompt, load_avg=(None, None)) -> dict:
     from .runner import config_dict
     source = manifest.raw.get("source") or {}
     synthetic = source.get("synthetic")
@@ -123,7 +125,8 @@ def build_results(*, cfg, manifest, traffic, device, device_source, rates, modes
         "edgeinfer_version": __version__,
         "synthetic": bool(synthetic),
         "title": _title(manifest, synthetic),
-        "host": {"name": socket.gethostname(), "machine": platform.machine(), "system": platform.system()},
+        "host": {"name": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
+                 "cpus": os.cpu_count(), "load_avg_start": load_avg[0], "load_avg_end": load_avg[1]},
         "model": {"path": str(manifest.folder), "source": source, "family": c.family, "layers": c.num_layers,
                   "hidden": c.hidden_size, "ffn": c.ffn_dim, "experts": c.num_experts, "vocab": c.vocab_size,
                   "quantization": manifest.quantization.get("weights"),
@@ -154,6 +157,10 @@ def _ms(v):
     return "-" if v is None else (f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.0f}")
 
 
+def _n(v):
+    return f"{v:.0f}" if v >= 10 or v == 0 else f"{v:.1f}"
+
+
 def _b(v):
     return "-" if v is None else fmt_bytes(v)
 
@@ -178,7 +185,9 @@ def format_table(res: dict) -> str:
             f"  device {dev['name']} [{dev['source']}]: DRAM {dev['dram_gbps']:.1f} GB/s, flash "
             f"{_flash_summary(dev)}",
             f"  prompt {cfg['prompt_tokens_used']} tokens, {cfg['new_tokens']} new, {cfg['runs']} runs per mode "
-            f"alternating; budget {cfg['memory_budget'] or 'none'}; direct I/O; warm-up excluded"]
+            f"alternating; budget {_budget(cfg['memory_budget'])}; direct I/O; warm-up excluded",
+            f"  host {res['host']['cpus']} CPUs, load average {res['host']['load_avg_start']} at start, "
+            f"{res['host']['load_avg_end']} at end (other work slows every mode alike: runs alternate)"]
     rows: list[tuple[str, ...]] = [("",) + tuple(names)]
 
     def row(label, fn):
@@ -205,7 +214,7 @@ def format_table(res: dict) -> str:
     row("    flash + DRAM (ms)", lambda r: f"{_ms(r['floor']['flash_ms'])} + {_ms(r['floor']['dram_ms'])}")
     row("  achieved fraction of floor", lambda r: _frac(r["floor"]["achieved_fraction"]))
     row("  flash read per token", lambda r: _b(r["per_token"]["flash_bytes"]))
-    row("    reads per token / mean size", lambda r: f"{r['per_token']['flash_read_calls']:.0f} / "
+    row("    reads per token / mean size", lambda r: f"{_n(r['per_token']['flash_read_calls'])} / "
         f"{_b(r['floor']['mean_read_bytes']) if r['per_token']['flash_read_calls'] else '-'}")
     row("  DRAM read per token", lambda r: _b(r["per_token"]["dram_bytes"]))
     row("  I/O time per token (ms)", lambda r: _ms(r["per_token"]["io_ms"]))
@@ -236,6 +245,12 @@ def format_table(res: dict) -> str:
     if dev["source"] == "profile":
         lines.append(f"  floor and prediction use the {dev['name']} profile; the measurement is of this machine")
     return "\n".join(lines)
+
+
+def _budget(spec) -> str:
+    if spec is None:
+        return "none"
+    return fmt_bytes(spec) if isinstance(spec, (int, float)) else str(spec)
 
 
 def _flash_summary(dev: dict) -> str:

@@ -47,7 +47,7 @@ class BenchConfig:
     memory_budget: object = None        # for the streaming modes; resident runs unbudgeted
     device: str | None = None           # profile name or .toml path; None: probe this machine
     prompt_tokens: int = 128
-    new_tokens: int = 64
+    new_tokens: int = 32
     runs: int = 3
     warmup_tokens: int = 4
     threads: int | None = None
@@ -134,12 +134,14 @@ def run_bench(cfg: BenchConfig) -> dict:
     from .traffic import model_traffic
 
     cfg.validate()
+    load_start = _loadavg()
     folder = Path(cfg.model) if cfg.model is not None else DEMO_MODEL
     manifest = read_manifest(folder)
     graph = load_graph(manifest)
     if manifest.tokenizer is None:
         raise EdgeInferError(f"{folder} has no tokenizer")
-    device, device_source = resolve_device(cfg.device, folder, cfg.progress)
+    if cfg.device not in (None, "probe"):
+        device, device_source = resolve_device(cfg.device, folder, cfg.progress)   # a bad name fails now
     options = {"direct_io": True}
     if cfg.window is not None:
         options["window"] = cfg.window
@@ -165,6 +167,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                                  f"exceeds the model's context window of {max_ctx} tokens")
     tokenizer = Tokenizer(manifest.path(manifest.tokenizer))
     ids = prompt_ids(tokenizer, cfg.prompt_tokens, manifest.config.vocab_size)
+    if cfg.device in (None, "probe"):
+        device, device_source = resolve_device(cfg.device, folder, cfg.progress)
     _drop_page_cache(manifest)
 
     workers = {}
@@ -193,7 +197,15 @@ def run_bench(cfg: BenchConfig) -> dict:
     from .report import build_results
     return build_results(cfg=cfg, manifest=manifest, traffic=traffic, device=device, device_source=device_source,
                          rates=rates, modes=modes, infos={m: w.info for m, w in workers.items()}, warm=warm,
-                         runs=runs, skipped=skipped, prompt=ids)
+                         runs=runs, skipped=skipped, prompt=ids, load_avg=(load_start, _loadavg()))
+
+
+def _loadavg() -> float | None:
+    """1-minute load average: other work on the machine slows every mode (reported)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _kernel_rates(manifest, graph, threads):

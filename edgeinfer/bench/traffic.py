@@ -37,6 +37,16 @@ class FFNLayer:
         return self.part_bytes * (considered + (self.layout.parts - 1) * min(active, considered))
 
 
+@dataclass(frozen=True)
+class MoELayer:
+    name: str
+    experts: int
+    top_k: int
+    record_bytes: int            # one expert at full precision (one contiguous read)
+    low_record_bytes: int        # its low-precision copy or prefix (0: none)
+    bits: int                    # bits of the first stage (what the expert kernel reads per weight)
+
+
 @dataclass
 class ModelTraffic:
     """Per-token byte accounting of one model folder."""
@@ -45,6 +55,7 @@ class ModelTraffic:
     kv_bytes_per_position: int = 0     # K and V of all layers for one cached position
     predictor_bytes: int = 0           # low-rank predictors (float32 in memory)
     ffn: list[FFNLayer] = field(default_factory=list)
+    moe: list[MoELayer] = field(default_factory=list)
     matmuls: list[tuple[int, int]] = field(default_factory=list)   # (weight bytes, bits) per matmul node
     attention_nodes: int = 0
     nodes: int = 0
@@ -52,7 +63,8 @@ class ModelTraffic:
 
     @property
     def ffn_bytes(self) -> int:
-        return sum(f.bundle_bytes for f in self.ffn)
+        """Bytes of the streamable part: FFN bundles and expert records."""
+        return sum(f.bundle_bytes for f in self.ffn) + sum(m.experts * m.record_bytes for m in self.moe)
 
     @property
     def true_active(self) -> float | None:
@@ -83,7 +95,7 @@ class ModelTraffic:
             else:
                 considered = F
             ffn += f.touched(considered, min(active, considered))
-        out["ffn"] = ffn
+        out["ffn"] = ffn + sum(m.top_k * m.record_bytes for m in self.moe)   # experts run: read whole
         if mode == "streaming":
             out["predictors"] = self.predictor_bytes
         out["total"] = sum(out.values())
@@ -120,4 +132,9 @@ def model_traffic(manifest: Manifest, graph: Graph) -> ModelTraffic:
                 t.predictor_bytes += 2 * sum(sizes.get(i, 0) for i in ins[4:6]) + sizes.get(ins[6], 0)
         elif node.op_type == "MoE":
             t.moe_nodes += 1
+            from ..moe.layout import ExpertLayout
+            lay = ExpertLayout.from_attrs(node.attrs)
+            t.moe.append(MoELayer(node.name, lay.num_experts, int(node.attrs["top_k"]), lay.high_bytes,
+                                  lay.low_bytes, lay.stages[0]))
+            t.resident_matmul_bytes += sizes.get(ins[1], 0)       # the router
     return t

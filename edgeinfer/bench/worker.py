@@ -103,10 +103,13 @@ class Session:
         m = self.model
         plan = m.plan
         buffers = 0
-        for fn, _, _ in m.executor.plan:
-            window = getattr(fn, "window", None)
-            if window is not None:
-                buffers += int(window.nbytes)
+        for step in m.executor.plan:
+            fn = step[0]
+            for attr in ("window", "cache"):          # neuron window (dense), expert cache (MoE)
+                holder = getattr(fn, attr, None)
+                nbytes = getattr(holder, "nbytes", None)
+                if nbytes is not None:
+                    buffers += int(nbytes() if callable(nbytes) else nbytes)
         files = {}
         if plan is not None and plan.context is not None:
             for key, f in plan.context.files.items():

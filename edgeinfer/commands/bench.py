@@ -30,11 +30,11 @@ def register(sub) -> None:
                        description="Measure time to first token, decode ms/token (p50/p90), tokens/s, bytes read "
                                    "from flash and DRAM per token, I/O vs compute time, cache hit rates and peak "
                                    "memory, beside the cost model's prediction and the physical floor "
-                                   "(bytes / bandwidth). Arguments: MODEL_DIR (default: the built-in demo), or "
-                                   "`synthetic` to make a large synthetic model (see `edgeinfer bench synthetic -h`).",
+                                   "(bytes / bandwidth). Argument: MODEL_DIR (default: the built-in demo), or the word "
+                                   "`synthetic` with -o DIR to make a large synthetic model (options at the end; a "
+                                   "model folder named synthetic: ./synthetic).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None, help="model folder (default: the built-in demo)")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("--compare", default=None, metavar="MODES",
                    help="comma-separated modes: resident, naive, streaming, oracle "
                         "(default: resident,naive,streaming, those the model supports)")
@@ -45,7 +45,7 @@ def register(sub) -> None:
                    help="device profile (name from `edgeinfer devices`, or a .toml) for the floor and the cost "
                         "model; default: a quick probe of this machine")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default 64)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default 32)")
     p.add_argument("--runs", type=int, default=3, help="measured runs per mode (default 3)")
     p.add_argument("--warmup-tokens", type=int, default=4, help="tokens of warm-up per mode (default 4)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
@@ -56,39 +56,35 @@ def register(sub) -> None:
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="write a latency breakdown plot (needs matplotlib: pip install 'edgeinfer[bench]')")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    p.set_defaults(handler=run)
-
-
-def _synthetic_parser() -> argparse.ArgumentParser:
     from edgeinfer.bench.synthetic import SHAPES
-    p = argparse.ArgumentParser(
-        prog="edgeinfer bench synthetic",
-        description="Write a SYNTHETIC Hugging Face checkpoint at a real model's shapes with few layers (config.json, "
-                    "safetensors, the fixture tokenizer), with weights built so activations look like a trained "
-                    "model's (70-90%% of FFN activations zero, neurons reused by consecutive tokens, skewed expert "
-                    "usage), then export it with predictors. The statistics are measured and printed; the manifest's "
-                    "`source` says synthetic. Never commit the output.",
-        epilog="shapes: " + "; ".join(f"{k}: {v.describe()}" for k, v in SHAPES.items()))
-    p.add_argument("-o", "--output", required=True, help="model folder to write (checkpoint: OUTPUT.hf)")
-    p.add_argument("--shape", default="7b-like", choices=sorted(SHAPES), help="preset shape (default 7b-like)")
-    p.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
-    p.add_argument("--ffn", type=int, default=None, help="override the FFN width")
-    p.add_argument("--quant", default="int4", choices=["f16", "int8", "int4"], help="export precision (default int4)")
-    p.add_argument("--calibration-tokens", type=int, default=1024,
-                   help="tokens the exporter trains the predictors on (default 1024)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-only", action="store_true", help="write the checkpoint, do not export")
-    p.add_argument("--force", action="store_true", help="replace existing output folders")
-    p.add_argument("--quiet", action="store_true")
-    return p
+    g = p.add_argument_group(
+        "synthetic models (edgeinfer bench synthetic -o DIR [options])",
+        "Write a SYNTHETIC Hugging Face checkpoint at a real model's shapes with few layers (config.json, "
+        "safetensors, the fixture tokenizer) into DIR.hf, with weights built so that activations look like a "
+        "trained model's (70-90%% of FFN activations zero, neurons reused by consecutive tokens, skewed expert "
+        "usage; measured and printed), then export it with predictors into DIR. Labelled synthetic in the "
+        "manifest and in bench's output. Shapes: " + "; ".join(f"{k} = {v.describe()}" for k, v in SHAPES.items()))
+    g.add_argument("-o", "--output", help="model folder to write (the checkpoint goes to OUTPUT.hf)")
+    g.add_argument("--shape", default="7b-like", choices=sorted(SHAPES), help="preset shape (default 7b-like)")
+    g.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    g.add_argument("--ffn", type=int, default=None, help="override the preset's FFN width")
+    g.add_argument("--quant", default="int4", choices=["f16", "int8", "int4"], help="export precision (default int4)")
+    g.add_argument("--calibration-tokens", type=int, default=4096,
+                   help="tokens the exporter trains the predictors on (default 4096)")
+    g.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    g.add_argument("--checkpoint-only", action="store_true", help="write the checkpoint, do not export it")
+    g.add_argument("--force", action="store_true", help="replace existing output folders")
+    p.set_defaults(handler=run)
 
 
 def run(args) -> int:
     from edgeinfer.errors import EdgeInferError
     if args.model == "synthetic":
-        return run_synthetic(_synthetic_parser().parse_args(args.rest))
-    if args.rest:
-        raise EdgeInferError(f"unexpected arguments: {' '.join(args.rest)}")
+        if not args.output:
+            raise EdgeInferError("edgeinfer bench synthetic needs -o DIR (the model folder to write)")
+        return run_synthetic(args)
+    if args.output:
+        raise EdgeInferError("-o/--output is for `edgeinfer bench synthetic`; a benchmark writes --json / --plot")
     from edgeinfer.bench import BenchConfig, run_bench
     from edgeinfer.bench.report import format_table
     modes = None

@@ -38,9 +38,13 @@ def run(args) -> int:
         from export.exporter import export
     except ImportError as exc:
         raise EdgeInferError(f"the exporter is not installed ({exc}); pip install 'edgeinfer[export]'") from None
+    if not 0.5 <= args.predictor_recall < 1 or args.predictor_rank < 1 or args.calibration_tokens < 256:
+        raise EdgeInferError("--predictor-recall must be in [0.5, 1), --predictor-rank >= 1, "
+                             "--calibration-tokens >= 256")
     out = export(args.checkpoint, args.output, quant=args.quant, group_size=args.group_size,
-                 expert_low=args.expert_low, force=args.force,
-                 progress=not args.quiet)
+                 bundle=not args.no_bundle, predictors=args.predictors, predictor_rank=args.predictor_rank,
+                 predictor_recall=args.predictor_recall, calibration_tokens=args.calibration_tokens,
+                 expert_low=args.expert_low, force=args.force, progress=not args.quiet)
     from edgeinfer.manifest import read_manifest
     m = read_manifest(out)
     total = sum(f["size"] for f in m.files.values())

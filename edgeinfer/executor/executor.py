@@ -27,7 +27,8 @@ class Executor:
         called fn(state, *inputs) -> a tuple of outputs; their nodes get no kernel."""
         self.graph = graph
         overrides = overrides or {}
-        covered = {i: seg for seg in segments for i in seg.nodes}
+        self.segments = list(segments)
+        covered = {i: seg for seg in self.segments for i in seg.nodes}
         self.plan = []
         produced = set(graph.inputs)
         for i, node in enumerate(graph.nodes):

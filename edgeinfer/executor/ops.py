@@ -13,6 +13,7 @@ import numpy as np
 from onnx import helper
 
 from .. import kernels
+from ..kernels.dequant import PREFILL_ROWS, prefill_matmul
 from ..errors import ModelFormatError
 
 OPS: dict[tuple[str, str], callable] = {}
@@ -87,14 +88,26 @@ def _matmul_nbits(node, const):
     if packed.shape != (n, nb, block * bits // 8):
         raise ModelFormatError(f"node {node.name}: packed weight shape {packed.shape} does not match N/K/bits")
     scales = _need(const, node.inputs[2], node).reshape(n, nb)
-    return lambda state, x, _p, _s: kernels.matmul_nbits(x, packed, scales, bits, block)
+
+    def run(state, x, _p, _s):
+        if x.shape[0] >= PREFILL_ROWS:
+            return prefill_matmul(x, packed, scales, bits)
+        return kernels.matmul_nbits(x, packed, scales, bits, block)
+
+    return run
 
 
 # ---- edgeinfer domain (function bodies in export/functions.py) --------------------------
 @op("edgeinfer", "MatMulF16")
 def _matmul_f16(node, const):
     w = _need(const, node.inputs[1], node)
-    return lambda state, x, _w: kernels.matmul_f16(x, w)
+
+    def run(state, x, _w):
+        if x.shape[0] >= PREFILL_ROWS:
+            return np.dot(x, w.T.astype(np.float32))
+        return kernels.matmul_f16(x, w)
+
+    return run
 
 
 @op("edgeinfer", "GatherNBits")

@@ -134,8 +134,8 @@ def build_segments(graph: Graph, manifest, const, *, backend: str, plan, provide
     segments = [s for s in partition(graph, assignment) if s.backend == ORT]
     runner = OrtRunner(model, graph, manifest, const, providers=providers, threads=threads,
                        spinning=len(segments) <= 1 and all(a == ORT for a in assignment))
-    head = head_input(graph)
-    return [runner.segment(s, tensor_types(graph, manifest), head) for s in segments]
+    head, types = head_input(graph), tensor_types(graph, manifest)
+    return [runner.segment(s, types, head) for s in segments]
 
 
 def head_input(graph: Graph) -> tuple[int, int]:

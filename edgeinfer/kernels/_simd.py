@@ -17,6 +17,7 @@ all loads are contiguous.
 from __future__ import annotations
 
 import llvmlite.binding as llvm
+import numba
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -29,8 +30,16 @@ _VF, _VI8, _VI32 = ir.VectorType(_F32, W), ir.VectorType(_I8, W), ir.VectorType(
 # No nnan/ninf: a NaN or inf in the activations must still show in the output.
 _FM = ("reassoc", "contract", "nsz")
 
-_features = llvm.get_host_cpu_features()
-HAS_VNNI = bool(_features.get("avx512vnni") and _features.get("avx512bw"))
+def _host_has_vnni():
+    # Numba compiles for the host unless NUMBA_CPU_NAME asks for another (e.g. a
+    # portable cache); then the x86 instruction may not exist there.
+    if numba.config.CPU_NAME not in (None, "host"):
+        return False
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512vnni") and features.get("avx512bw"))
+
+
+HAS_VNNI = _host_has_vnni()
 
 
 def _i64(v):
@@ -169,8 +178,70 @@ def _make_qdot_f32(R, Mt, U):
 qdot_1x1 = _make_qdot_f32(R=1, Mt=1, U=2)
 # GEMV for long rows: 4 weight rows share each load of x (x no longer fits in L1).
 qdot_4x1 = _make_qdot_f32(R=4, Mt=1, U=1)
-# Small-M GEMM: each decoded weight vector is used by 4 activation rows.
-qdot_1x4 = _make_qdot_f32(R=1, Mt=4, U=1)
+
+
+def _make_qgemm(Mt):
+    """Intrinsic for M > 1: weight row n times activation rows m..m+Mt-1 over steps
+    c0..c1. Each 16-byte step is decoded once to float weights, (code - zp) * scale in
+    one FMA per field, then used by all Mt rows: 2 FMAs per row per step (4-bit)
+    against 3 in qdot_f32, whose per-row zero-point trick only pays off at M = 1."""
+
+    @intrinsic
+    def qgemm(typingctx, packed, n, xs, m, scales, c0, c1, sh):
+        if not isinstance(xs, types.UniTuple) or 8 % xs.count or xs.count > 4:
+            return None
+        P = xs.count
+        bits = 8 // P
+        sig = types.UniTuple(types.float32, Mt)(packed, n, xs, m, scales, c0, c1, sh)
+
+        def codegen(context, builder, signature, args):
+            pk, n, xs_, m, sc, c0, c1, sh = args
+            pka = context.make_array(signature.args[0])(context, builder, pk)
+            sca = context.make_array(signature.args[4])(context, builder, sc)
+            xarr = [context.make_array(signature.args[2].dtype)(context, builder, a)
+                    for a in cgutils.unpack_tuple(builder, xs_, P)]
+            _, nb, blob = cgutils.unpack_tuple(builder, pka.shape)
+            rowbytes = builder.mul(nb, blob)
+            prow = builder.gep(pka.data, [builder.mul(n, rowbytes)])
+            srow = builder.gep(sca.data, [builder.mul(n, nb)])
+            xrow = [[builder.gep(a.data, [builder.mul(builder.add(m, _i64(i)), rowbytes)])
+                     for a in xarr] for i in range(Mt)]
+            zero = ir.Constant(_VF, [0.0] * W)
+            acc = [cgutils.alloca_once_value(builder, zero) for _ in range(Mt)]
+            fmask = ir.Constant(_VI32, [(1 << bits) - 1] * W)
+            negzp = ir.Constant(_F32, -float(1 << (bits - 1)))
+            with cgutils.for_range(builder, c1, start=c0) as lp:
+                c = lp.index
+                g = builder.mul(c, _i64(W))
+                s = builder.load(builder.gep(srow, [builder.lshr(c, sh)]))
+                sv = _splat(builder, s, _VF)
+                zv = _splat(builder, builder.fmul(s, negzp), _VF)
+                codes = builder.zext(_load_vec(builder, prow, g, _VI8, 1), _VI32)
+                wv = []
+                for t in range(P):
+                    f = codes
+                    if t:
+                        f = builder.lshr(f, ir.Constant(_VI32, [bits * t] * W))
+                    if t < P - 1:
+                        f = builder.and_(f, fmask)
+                    wv.append(_fma(builder, builder.sitofp(f, _VF), sv, zv))
+                for i in range(Mt):
+                    a = builder.load(acc[i])
+                    for t in range(P):
+                        a = _fma(builder, wv[t], _load_vec(builder, xrow[i][t], g, _VF, 4), a)
+                    builder.store(a, acc[i])
+            outs = [_hsum(builder, builder.load(a)) for a in acc]
+            return context.make_tuple(builder, signature.return_type, outs)
+
+        return sig, codegen
+
+    return qgemm
+
+
+# M > 1: 8 activation rows per decoded weight vector (8 accumulators, 16 x loads per
+# step), and 4 for the remainder.
+qgemm_8 = _make_qgemm(8)
+qgemm_4 = _make_qgemm(4)
 
 
 _I16 = ir.IntType(16)
@@ -232,6 +303,7 @@ def _make_hdot(Mt, U):
 
 hdot_1 = _make_hdot(Mt=1, U=2)
 hdot_4 = _make_hdot(Mt=4, U=1)
+hdot_8 = _make_hdot(Mt=8, U=1)
 
 
 # ---------------------------------------------------------------- int8 activations (VNNI)

@@ -75,7 +75,6 @@ def _q_axpy(rec, off, so, h, ye, yo, ng, gs, bits, half):
                 ye[k * gs + j] += s * (np.float32(rec[base + j]) - zp)
 
 
-@njit(parallel=True, cache=True, fastmath=True)
 def _ffn_quant(x, records, rows, nids, up_bias, has_bias, d, qb, ng, gs, so, bits, gated, relu, nchunks, half):
     M = x.shape[0]
     m = rows.size
@@ -132,7 +131,6 @@ def _ffn_quant(x, records, rows, nids, up_bias, has_bias, d, qb, ng, gs, so, bit
     return y
 
 
-@njit(parallel=True, cache=True, fastmath=True)
 def _ffn_f16(x, records, rows, nids, up_bias, has_bias, d, gated, relu, nchunks, half):
     M = x.shape[0]
     m = rows.size
@@ -173,6 +171,13 @@ def _ffn_f16(x, records, rows, nids, up_bias, has_bias, d, gated, relu, nchunks,
     return y
 
 
+# Two compilations of each: threads cost tens of microseconds to wake, which a
+# small layer (a decode step of a small model) does not repay.
+_QUANT = (njit(cache=True, fastmath=True)(_ffn_quant), njit(parallel=True, cache=True, fastmath=True)(_ffn_quant))
+_F16 = (njit(cache=True, fastmath=True)(_ffn_f16), njit(parallel=True, cache=True, fastmath=True)(_ffn_f16))
+PARALLEL_MIN_WORK = 1 << 21   # multiply-adds
+
+
 def bundled_ffn(x: np.ndarray, records: np.ndarray, layout, activation: str, rows: np.ndarray | None = None,
                 neuron_ids: np.ndarray | None = None, up_bias: np.ndarray | None = None) -> np.ndarray:
     """FFN over the bundle records `records[rows]` (default: all) for x [M, d] float32.
@@ -185,12 +190,77 @@ def bundled_ffn(x: np.ndarray, records: np.ndarray, layout, activation: str, row
         rows = np.arange(records.shape[0], dtype=np.int64)
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     nids = rows if neuron_ids is None else np.ascontiguousarray(neuron_ids, dtype=np.int64)
+    if x.shape[0] >= PREFILL_ROWS:
+        return _dense_ffn(x, records, layout, activation, rows, nids, up_bias)
     has_bias = up_bias is not None
     ub = up_bias if has_bias else np.zeros(1, np.float32)
     relu = activation == "relu"
-    nchunks = max(1, min(numba.get_num_threads() * 4, rows.size // 16 or 1))
+    work = rows.size * x.shape[0] * layout.hidden * layout.parts
+    par = int(work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1)
+    nchunks = max(1, min(numba.get_num_threads() * 4, rows.size // 16 or 1)) if par else 1
     if layout.bits == 16:
         recs = records.view(np.uint16)
-        return _ffn_f16(x, recs, rows, nids, ub, has_bias, layout.hidden, layout.gated, relu, nchunks, HALF)
-    return _ffn_quant(x, records, rows, nids, ub, has_bias, layout.hidden, layout.q_bytes, layout.n_groups,
+        return _F16[par](x, recs, rows, nids, ub, has_bias, layout.hidden, layout.gated, relu, nchunks, HALF)
+    return _QUANT[par](x, records, rows, nids, ub, has_bias, layout.hidden, layout.q_bytes, layout.n_groups,
                       layout.group_size, layout.scale_offset, layout.bits, layout.gated, relu, nchunks, HALF)
+
+
+@njit(parallel=True, cache=True)
+def _decode_quant(records, rows, parts, d, qb, ng, gs, so, bits, half):
+    n = rows.size
+    out = np.empty((parts, n, d), np.float32)
+    zp = np.float32(2.0 ** (bits - 1))
+    for ii in prange(n):
+        rec = records[rows[ii]]
+        for p in range(parts):
+            sbase = so + p * 2 * ng
+            for k in range(ng):
+                s = half[np.uint32(rec[sbase + 2 * k]) | (np.uint32(rec[sbase + 2 * k + 1]) << 8)]
+                if bits == 4:
+                    base = p * qb + k * (gs // 2)
+                    for j in range(gs // 2):
+                        byte = rec[base + j]
+                        out[p, ii, k * gs + 2 * j] = s * (np.float32(byte & 15) - zp)
+                        out[p, ii, k * gs + 2 * j + 1] = s * (np.float32(byte >> 4) - zp)
+                else:
+                    base = p * qb + k * gs
+                    for j in range(gs):
+                        out[p, ii, k * gs + j] = s * (np.float32(rec[base + j]) - zp)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _decode_f16(records, rows, parts, d, half):
+    n = rows.size
+    out = np.empty((parts, n, d), np.float32)
+    for ii in prange(n):
+        rec = records[rows[ii]]
+        for p in range(parts):
+            for j in range(d):
+                out[p, ii, j] = half[rec[p * d + j]]
+    return out
+
+
+def decode_rows(records: np.ndarray, layout, rows: np.ndarray) -> np.ndarray:
+    """Records -> float32 [parts, n, d] (gate?, up, down columns) for a batched prefill."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if layout.bits == 16:
+        return _decode_f16(records.view(np.uint16), rows, layout.parts, layout.hidden, HALF)
+    return _decode_quant(records, rows, layout.parts, layout.hidden, layout.q_bytes, layout.n_groups,
+                         layout.group_size, layout.scale_offset, layout.bits, HALF)
+
+
+PREFILL_ROWS = 8   # from this many tokens on, decode the records once and use BLAS
+
+
+def _dense_ffn(x, records, layout, activation, rows, nids, up_bias):
+    w = decode_rows(records, layout, rows)
+    z = x @ w[0].T
+    if layout.gated:
+        a = np.maximum(z, 0) if activation == "relu" else z / (1 + np.exp(-z))
+        h = a * (x @ w[1].T)
+    else:
+        if up_bias is not None:
+            z += up_bias[nids]
+        h = np.maximum(z, 0) if activation == "relu" else z / (1 + np.exp(-z))
+    return (h @ w[-1]).astype(np.float32, copy=False)

@@ -58,31 +58,33 @@ def _layer_parallel(x, w, b, eps, out):
 
 
 def _check(x, *vectors):
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
+    """x [..., K] -> (C-contiguous [M, K] view or copy, output [M, K])."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim < 1:
         raise TypeError("x must be a float32 array [M, K]")
-    K = x.shape[1]
+    K = x.shape[-1]
     for v in vectors:
         if not isinstance(v, np.ndarray) or v.dtype != np.float32 or v.shape != (K,):
             raise TypeError(f"weights must be float32 arrays of shape ({K},)")
-    return np.ascontiguousarray(x), np.empty_like(x, order="C")
+    x2 = np.ascontiguousarray(x.reshape(-1, K))
+    return x2, np.empty_like(x2)
 
 
 def rms_norm(x, w, eps):
-    """x / sqrt(mean(x^2) + eps) * w over the last axis; x float32 [M, K], w [K]."""
-    x, out = _check(x, w)
-    if x.shape[0] >= _PARALLEL_ROWS:
-        _rms_parallel(x, w, float(eps), out)
+    """x / sqrt(mean(x^2) + eps) * w over the last axis; x float32 [M, K] (or [..., K]), w [K]."""
+    x2, out = _check(x, w)
+    if x2.shape[0] >= _PARALLEL_ROWS:
+        _rms_parallel(x2, w, float(eps), out)
     else:
-        _rms_rows(x, w, float(eps), out, 0, x.shape[0])
-    return out
+        _rms_rows(x2, w, float(eps), out, 0, x2.shape[0])
+    return out.reshape(x.shape)
 
 
 def layer_norm(x, w, b, eps):
     """(x - mean) / sqrt(var + eps) * w + b over the last axis (biased variance, as
     torch.nn.LayerNorm); x float32 [M, K], w and b [K]."""
-    x, out = _check(x, w, b)
-    if x.shape[0] >= _PARALLEL_ROWS:
-        _layer_parallel(x, w, b, float(eps), out)
+    x2, out = _check(x, w, b)
+    if x2.shape[0] >= _PARALLEL_ROWS:
+        _layer_parallel(x2, w, b, float(eps), out)
     else:
-        _layer_rows(x, w, b, float(eps), out, 0, x.shape[0])
-    return out
+        _layer_rows(x2, w, b, float(eps), out, 0, x2.shape[0])
+    return out.reshape(x.shape)

@@ -5,35 +5,36 @@ export/quantize.py: packed uint8 [N, K // block, block * bits // 8], scales floa
 [N, K // block], symmetric with zero point 2**(bits-1); `export.quantize.dequantize`
 is the reference these kernels are tested against.
 
-Three paths, by the number of activation rows M:
-- M == 1 (decode, GEMV): memory bound; the unpack is fused into the dot product
-  (_simd.qdot_*), each weight byte is read once, parallel over output rows.
-- 1 < M < PREFILL_M: the same fused kernel, each decoded weight vector used by 4 rows.
-- M >= PREFILL_M (prefill): compute bound; tiles of weight rows are dequantized to
-  float32 and multiplied with BLAS (np.dot), which is far faster than any Numba loop.
+Two paths, by the number of activation rows M, both fusing the unpack into the
+product (explicit SIMD, edgeinfer/kernels/_simd.py), so every weight byte is decoded
+in registers and never written out as float32:
+- M == 1 (decode, GEMV): memory bound; each weight byte is read once.
+- M > 1 (prefill, small batches): each decoded weight vector is used by 8 activation
+  rows; activations go in blocks of _M_BLOCK rows that stay in L2 while the weights
+  stream, i.e. M / _M_BLOCK passes over the weights.
+No BLAS: with Numba's OpenMP threads just released, an OpenBLAS call on the same cores
+was measured 100x slower than alone (the two pools fight), and a fused kernel needs
+no dequantized copy of the weights.
 
-Threads: the Numba kernels use numba.get_num_threads() (numba.set_num_threads); the
-BLAS product of the prefill path uses OpenBLAS's own pool (OPENBLAS_NUM_THREADS).
+Threads: parallel over output rows with numba.get_num_threads() (numba.set_num_threads).
 Every output element is computed by one thread in a fixed order, so results do not
-depend on the Numba thread count.
+depend on the thread count.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from ._simd import (HAS_VNNI, VW, W, hdot_1, hdot_4, qdot_1x1, qdot_1x4, qdot_4x1, qdot_i8_1,
-                    qdot_i8_4)
+from ._simd import (HAS_VNNI, VW, W, hdot_1, hdot_4, hdot_8, qdot_1x1, qdot_4x1, qdot_i8_1,
+                    qdot_i8_4, qgemm_4, qgemm_8)
 
 SUPPORTED_BITS = (2, 4, 8)
-# From this many activation rows on, dequantize + BLAS beats the fused kernel
-# (benchmarks/kernels.py --prefill measures the crossover).
-PREFILL_M = 16
 # Above this many bytes of activations per row, x stops fitting in L1 next to the
 # weights, and the GEMV shares each load of x between 4 weight rows.
 _LONG_ROW_BYTES = 24 * 1024
-# Weight rows per dequantized tile in the prefill path (~4 MiB of float32 per tile).
-_TILE_BYTES = 4 << 20
+# Activation rows per pass over the weights when M > 1 (32 rows of K = 4096 float32:
+# 512 KiB, within a 1 MiB L2).
+_M_BLOCK = 32
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -43,38 +44,53 @@ def _matmul_fused(xs, xsum, packed, scales, sh, long_rows, out):
     """out[m, n] = sum_k x[m, k] * deq(W)[n, k]; xs = x split into P phase arrays."""
     M, N = out.shape
     steps = packed.shape[1] * packed.shape[2] // W
-    start = 0
-    if M == 1 and long_rows:
-        for t in prange(N // 4):
-            n = 4 * t
-            o = qdot_4x1(packed, n, xs, 0, scales, xsum, 0, steps, sh)
-            out[0, n] = o[0]
-            out[0, n + 1] = o[1]
-            out[0, n + 2] = o[2]
-            out[0, n + 3] = o[3]
-        start = N - N % 4
-    m4 = M - M % 4
-    for n in prange(start, N):
-        for m in range(0, m4, 4):
-            o = qdot_1x4(packed, n, xs, m, scales, xsum, 0, steps, sh)
-            for i in range(4):
-                out[m + i, n] = o[i]
-        for m in range(m4, M):
-            out[m, n] = qdot_1x1(packed, n, xs, m, scales, xsum, 0, steps, sh)[0]
+    if M == 1:
+        start = 0
+        if long_rows:
+            for t in prange(N // 4):
+                n = 4 * t
+                o = qdot_4x1(packed, n, xs, 0, scales, xsum, 0, steps, sh)
+                out[0, n] = o[0]
+                out[0, n + 1] = o[1]
+                out[0, n + 2] = o[2]
+                out[0, n + 3] = o[3]
+            start = N - N % 4
+        for n in prange(start, N):
+            out[0, n] = qdot_1x1(packed, n, xs, 0, scales, xsum, 0, steps, sh)[0]
+    else:
+        for m0 in range(0, M, _M_BLOCK):
+            m1 = min(M, m0 + _M_BLOCK)
+            for n in prange(N):
+                m = m0
+                while m + 8 <= m1:
+                    o = qgemm_8(packed, n, xs, m, scales, 0, steps, sh)
+                    for i in range(8):
+                        out[m + i, n] = o[i]
+                    m += 8
+                if m + 4 <= m1:
+                    o = qgemm_4(packed, n, xs, m, scales, 0, steps, sh)
+                    for i in range(4):
+                        out[m + i, n] = o[i]
+                    m += 4
+                while m < m1:
+                    out[m, n] = qdot_1x1(packed, n, xs, m, scales, xsum, 0, steps, sh)[0]
+                    m += 1
 
 
 @njit(parallel=True, cache=True)
 def _matmul_int8act(x8, sx, corr, packed, scales, lanes_log2, out):
     """As _matmul_fused, with activations quantized to int8 (see _simd.qdot_i8)."""
     M, N = out.shape
-    m4 = M - M % 4
-    for n in prange(N):
-        for m in range(0, m4, 4):
-            o = qdot_i8_4(packed, n, x8, m, scales, sx, corr, lanes_log2)
-            for i in range(4):
-                out[m + i, n] = o[i]
-        for m in range(m4, M):
-            out[m, n] = qdot_i8_1(packed, n, x8, m, scales, sx, corr, lanes_log2)[0]
+    for m0 in range(0, M, 4 * _M_BLOCK):        # int8 rows: 4x as many fit in L2
+        m1 = min(M, m0 + 4 * _M_BLOCK)
+        m4 = m1 - (m1 - m0) % 4
+        for n in prange(N):
+            for m in range(m0, m4, 4):
+                o = qdot_i8_4(packed, n, x8, m, scales, sx, corr, lanes_log2)
+                for i in range(4):
+                    out[m + i, n] = o[i]
+            for m in range(m4, m1):
+                out[m, n] = qdot_i8_1(packed, n, x8, m, scales, sx, corr, lanes_log2)[0]
 
 
 @njit(cache=True)
@@ -166,34 +182,50 @@ def _dequant_rows(packed, scales, bits, rows, out):
 @njit(parallel=True, cache=True)
 def _matmul_h(x, w16bits, out):
     M, N = out.shape
-    m4 = M - M % 4
-    for n in prange(N):
-        for m in range(0, m4, 4):
-            o = hdot_4(w16bits, n, x, m)
-            for i in range(4):
-                out[m + i, n] = o[i]
-        for m in range(m4, M):
-            out[m, n] = hdot_1(w16bits, n, x, m)[0]
+    if M == 1:
+        for n in prange(N):
+            out[0, n] = hdot_1(w16bits, n, x, 0)[0]
+    else:
+        for m0 in range(0, M, _M_BLOCK):
+            m1 = min(M, m0 + _M_BLOCK)
+            for n in prange(N):
+                m = m0
+                while m + 8 <= m1:
+                    o = hdot_8(w16bits, n, x, m)
+                    for i in range(8):
+                        out[m + i, n] = o[i]
+                    m += 8
+                if m + 4 <= m1:
+                    o = hdot_4(w16bits, n, x, m)
+                    for i in range(4):
+                        out[m + i, n] = o[i]
+                    m += 4
+                while m < m1:
+                    out[m, n] = hdot_1(w16bits, n, x, m)[0]
+                    m += 1
 
 
 # ---------------------------------------------------------------------------- wrappers
 
 def _activations(x, K):
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
+    """x [..., K] float32 -> C-contiguous [M, K] (leading dims flattened, as ONNX MatMul)."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim < 1:
         raise TypeError(f"x must be a float32 array [M, K]; got {getattr(x, 'dtype', type(x))} "
                         f"with shape {getattr(x, 'shape', None)}")
-    if x.shape[1] != K:
-        raise ValueError(f"x has K={x.shape[1]} but the weights have K={K}")
-    return np.ascontiguousarray(x)
+    if x.shape[-1] != K:
+        raise ValueError(f"x has K={x.shape[-1]} but the weights have K={K}")
+    return np.ascontiguousarray(x.reshape(-1, K))
 
 
-def _output(out, M, N):
+def _output(out, lead, N):
+    """The [M, N] array to fill, and the [..., N] array to return."""
+    shape = tuple(lead) + (N,)
     if out is None:
-        return np.empty((M, N), dtype=np.float32)
-    if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (M, N)
+        out = np.empty(shape, dtype=np.float32)
+    elif (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != shape
             or not out.flags.c_contiguous):
-        raise ValueError(f"out must be a C-contiguous float32 array of shape {(M, N)}")
-    return out
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
+    return out.reshape(-1, N), out
 
 
 def check_quantized(packed, scales, bits, block_size):
@@ -231,37 +263,35 @@ def int8_activations_supported(bits, block_size, K):
 def matmul_nbits(x, packed, scales, bits, block_size, out=None, int8_activations=False):
     """y = x @ dequantize(packed, scales, bits).T -> float32 [M, N]; x float32 [M, K].
 
-    int8_activations=True quantizes x per block to int8 for the GEMV/small-M paths
-    (relative error ~1e-3 against the float reference, ~2-3x faster where the host has
-    AVX512-VNNI; see int8_activations_supported). Otherwise, and by default, all
-    arithmetic is float32.
+    int8_activations=True quantizes x per block to int8 (each value off by at most half
+    a step of max|x_block| / 127: ~0.5% relative error on random data, as llama.cpp's
+    Q8_0 activations), for 1.5-3x speed where the host has AVX512-VNNI; see
+    int8_activations_supported. Otherwise, and by default, all arithmetic is float32.
     """
     N, K = check_quantized(packed, scales, bits, block_size)
-    if isinstance(x, np.ndarray) and x.ndim == 2 and K - block_size < x.shape[1] < K:
+    if isinstance(x, np.ndarray) and x.ndim and K - block_size < x.shape[-1] < K:
         # MatMulNBits allows K that is not a multiple of the block: the last block is
         # padded, and zero activations make the padding's codes irrelevant.
-        x = np.pad(x, ((0, 0), (0, K - x.shape[1])))
+        x = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, K - x.shape[-1])])
+    lead = x.shape[:-1] if isinstance(x, np.ndarray) else ()
     x = _activations(x, K)
     M = x.shape[0]
-    out = _output(out, M, N)
+    y, result = _output(out, lead, N)
     if M == 0 or N == 0:
-        return out
-    if M >= PREFILL_M:
-        return _prefill(x, out, lambda rows, buf: _dequant_rows(packed, scales, bits, rows, buf))
+        return result
     blob = packed.shape[2]
     if int8_activations and int8_activations_supported(bits, block_size, K):
         x8, sx, corr = quantize_activations(x, bits, block_size)
-        _matmul_int8act(x8, sx, corr, packed, scales, (blob // 4).bit_length() - 1, out)
-        return out
-    if not _fused_ok(blob):
-        _matmul_generic(x, packed, scales, bits, out)
-        return out
-    P = 8 // bits
-    xs = tuple(np.ascontiguousarray(x[:, t::P]) for t in range(P))
-    xsum = x.reshape(M, -1, block_size).sum(axis=2, dtype=np.float32)
-    sh = (blob // W).bit_length() - 1
-    _matmul_fused(xs, xsum, packed, scales, sh, K * 4 > _LONG_ROW_BYTES, out)
-    return out
+        _matmul_int8act(x8, sx, corr, packed, scales, (blob // 4).bit_length() - 1, y)
+    elif not _fused_ok(blob):
+        _matmul_generic(x, packed, scales, bits, y)
+    else:
+        P = 8 // bits
+        xs = tuple(np.ascontiguousarray(x[:, t::P]) for t in range(P))
+        xsum = x.reshape(M, -1, block_size).sum(axis=2, dtype=np.float32)
+        sh = (blob // W).bit_length() - 1
+        _matmul_fused(xs, xsum, packed, scales, sh, K * 4 > _LONG_ROW_BYTES, y)
+    return result
 
 
 def quantize_activations(x, bits, block_size):
@@ -277,63 +307,47 @@ def quantize_activations(x, bits, block_size):
     return tuple(x8[t] for t in range(P)), sx, corr
 
 
-def _prefill(x, out, fill_tile):
-    """out = x @ W.T, W produced tile by tile as float32 by fill_tile(rows, buf)."""
-    N = out.shape[1]
-    K = x.shape[1]
-    tile = max(16, min(N, _TILE_BYTES // (4 * K)))
-    buf = np.empty((tile, K), dtype=np.float32)
-    for n0 in range(0, N, tile):
-        n1 = min(N, n0 + tile)
-        w = buf[: n1 - n0]
-        fill_tile(np.arange(n0, n1, dtype=np.int64), w)
-        np.matmul(x, w.T, out=out[:, n0:n1])
-    return out
-
-
 def matmul_f16(x, w16, out=None):
     """y = x @ w16.T -> float32 [M, N] for float16 weights [N, K]; x float32 [M, K]."""
     if not isinstance(w16, np.ndarray) or w16.dtype != np.float16 or w16.ndim != 2:
         raise TypeError("w16 must be a float16 array [N, K]")
     w16 = np.ascontiguousarray(w16)
     N, K = w16.shape
+    lead = x.shape[:-1] if isinstance(x, np.ndarray) else ()
     x = _activations(x, K)
-    M = x.shape[0]
-    out = _output(out, M, N)
-    if M == 0 or N == 0:
-        return out
-    if M >= PREFILL_M:
-        def fill(rows, buf):
-            np.copyto(buf, w16[rows[0]: rows[-1] + 1], casting="unsafe")
-        return _prefill(x, out, fill)
-    _matmul_h(x, w16.view(np.uint16), out)
-    return out
+    y, result = _output(out, lead, N)
+    if x.shape[0] and N:
+        _matmul_h(x, w16.view(np.uint16), y)
+    return result
 
 
 def _ids(ids, N):
+    """ids of any shape -> (flat int64 ids, their shape), range-checked."""
     ids = np.asarray(ids)
     if ids.size == 0:
         ids = ids.astype(np.int64)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError("ids must be a 1-D array of integers")
-    ids = ids.astype(np.int64, copy=False)
-    if ids.size and (ids.min() < 0 or ids.max() >= N):
-        raise IndexError(f"ids must lie in [0, {N}); got min {ids.min()}, max {ids.max()}")
-    return ids
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"ids must be integers, got {ids.dtype}")
+    flat = ids.reshape(-1).astype(np.int64, copy=False)
+    if flat.size and (flat.min() < 0 or flat.max() >= N):
+        raise IndexError(f"ids must lie in [0, {N}); got min {flat.min()}, max {flat.max()}")
+    return flat, ids.shape
 
 
 def gather_nbits(packed, scales, ids, bits, block_size):
-    """Rows `ids` of the dequantized table -> float32 [len(ids), K] (embedding lookup)."""
+    """Rows `ids` of the dequantized table -> float32 [len(ids), K] (embedding lookup;
+    ids of any shape give ids.shape + (K,), as ONNX Gather)."""
     N, K = check_quantized(packed, scales, bits, block_size)
-    ids = _ids(ids, N)
-    out = np.empty((ids.shape[0], K), dtype=np.float32)
-    if ids.size:
-        _dequant_rows(packed, scales, bits, ids, out)
-    return out
+    flat, shape = _ids(ids, N)
+    out = np.empty((flat.shape[0], K), dtype=np.float32)
+    if flat.size:
+        _dequant_rows(packed, scales, bits, flat, out)
+    return out.reshape(shape + (K,))
 
 
 def gather_f16(w16, ids):
-    """Rows `ids` of a float16 table -> float32 [len(ids), K]."""
+    """Rows `ids` of a float16 table -> float32 [len(ids), K] (any ids shape, as above)."""
     if not isinstance(w16, np.ndarray) or w16.dtype != np.float16 or w16.ndim != 2:
         raise TypeError("w16 must be a float16 array [N, K]")
-    return w16[_ids(ids, w16.shape[0])].astype(np.float32)
+    flat, shape = _ids(ids, w16.shape[0])
+    return w16[flat].astype(np.float32).reshape(shape + (w16.shape[1],))

@@ -21,6 +21,7 @@ from numba import njit, prange
 HALF = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 FUSED_MAX_TOKENS = 4       # up to this many rows of x: fused mat-vecs; beyond: dequantize + BLAS
 ROWS_PER_TASK = 32
+PARALLEL_MIN = 1 << 20     # matrices with fewer values run on the calling thread only
 
 
 @njit(cache=True, inline="always")
@@ -40,7 +41,6 @@ def _group_sums(x, g, zp):
     return out
 
 
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def _matvec8(rec, co, so, n, k, g, x, y, half):
     nb = k // g
     zx = _group_sums(x, g, np.float32(128.0))
@@ -59,7 +59,6 @@ def _matvec8(rec, co, so, n, k, g, x, y, half):
             y[r] += acc.sum() - corr
 
 
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def _matvec4(rec, co, so, n, k, g, x, y, half):
     nb = k // g
     h = g // 2
@@ -81,7 +80,6 @@ def _matvec4(rec, co, so, n, k, g, x, y, half):
             y[r] += acc.sum() - corr
 
 
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def _matvec2(rec, co, so, n, k, g, x, y, half):
     nb = k // g
     q = g // 4
@@ -105,7 +103,6 @@ def _matvec2(rec, co, so, n, k, g, x, y, half):
             y[r] += acc.sum() - corr
 
 
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def _dequant(rec, co, so, n, k, g, bits, out, half):
     """out [n, k] += the stage's matrix (float32)."""
     nb = k // g
@@ -125,7 +122,14 @@ def _dequant(rec, co, so, n, k, g, bits, out, half):
                     out[r, o + j] += s * (np.float32((rec[base + j] >> sh) & mask) - zp)
 
 
-_MATVEC = {8: _matvec8, 4: _matvec4, 2: _matvec2}
+def _compile(fn):
+    """(serial, parallel) builds of one kernel: a small matrix is not worth waking threads for."""
+    return (njit(cache=True, fastmath=True, nogil=True)(fn),
+            njit(parallel=True, cache=True, fastmath=True, nogil=True)(fn))
+
+
+_MATVEC = {8: _compile(_matvec8), 4: _compile(_matvec4), 2: _compile(_matvec2)}
+_DEQUANT = _compile(_dequant)
 
 
 @lru_cache(maxsize=64)
@@ -142,9 +146,10 @@ def linear(x: np.ndarray, record: np.ndarray, parts, g: int) -> np.ndarray:
     m = x.shape[0]
     if m <= FUSED_MAX_TOKENS and parts[0][0] != 16:
         y = np.zeros((m, n), np.float32)
+        par = n * k >= PARALLEL_MIN
         for b, _, co, so, _, _ in parts:
             for t in range(m):
-                _MATVEC[b](record, co, so, n, k, g, x[t], y[t], HALF)
+                _MATVEC[b][par](record, co, so, n, k, g, x[t], y[t], HALF)
         return y
     w = dequantize(record, parts, g)
     return x @ w.T
@@ -158,7 +163,7 @@ def dequantize(record: np.ndarray, parts, g: int) -> np.ndarray:
         if b == 16:
             w += record[co:co + 2 * n * k].view(np.float16).reshape(n, k)
         else:
-            _dequant(record, co, so, n, k, g, b, w, HALF)
+            _DEQUANT[n * k >= PARALLEL_MIN](record, co, so, n, k, g, b, w, HALF)
     return w
 
 
