@@ -1,7 +1,7 @@
 """Backend benchmark: decode tokens/s of the numba, ort and hybrid backends on the same
 exported model, side by side, and cold start (process start to first token).
 
-    python benchmarks/backends.py                    # synthetic ~540 MB int4 Llama, both layouts
+    python benchmarks/backends.py                    # synthetic int4 Llama (520-560 MB of weights), both layouts
     python benchmarks/backends.py --json out.json    # table, and the numbers as JSON
     python benchmarks/backends.py --model MODEL_DIR  # an exported folder instead
     python benchmarks/backends.py --cold-only        # only the cold start of the demo model
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--rebuild", action="store_true", help="rebuild the synthetic checkpoint and exports")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--ffn", type=int, default=8192)
-    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--layers", type=int, default=14)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--layouts", default="bundled,matmul", help="synthetic exports: bundled, matmul or both")

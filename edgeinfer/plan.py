@@ -11,6 +11,7 @@ KV cache and activations are overhead beside it (reported by bench).
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass, field
 from importlib import import_module
 
@@ -62,6 +63,9 @@ class StreamContext:
     stats: RuntimeStats
     share: int                      # bytes of buffers this node may hold
     files: dict = field(default_factory=dict)
+    # Windows, caches and scratch buffers are shared by every sequence generating on the
+    # model: streamed layers run one at a time (threads still overlap in resident layers).
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def file(self, rel: str) -> WeightFile:
         f = self.files.get(rel)

@@ -23,7 +23,7 @@ from onnx import FunctionProto, TensorProto, helper
 from edgeinfer.errors import UnsupportedModelError
 from edgeinfer.moe.layout import STAGES, ExpertLayout, RecordFormat, encode
 
-from .functions import DOMAIN, _Body, _fp16_from_bytes
+from .functions import DOMAIN, _Body
 
 EXPERTS_FILE = "experts.bin"
 QUANT_NAME = {None: "f16", 8: "int8", 4: "int4"}
@@ -36,7 +36,7 @@ def moe_layer(b, cfg, experts, router: np.ndarray, x: str, prefix: str, layer: i
     experts: iterable of (gate [F, d], up [F, d], down [d, F]) per expert, read lazily;
     shared: (gate, up, down) of the shared expert or None.
     """
-    from .quantize import quantize, unpack
+    from .quantize import dequantize, quantize
 
     if cfg.activation != "silu":
         raise UnsupportedModelError(f"MoE experts with {cfg.activation} are not supported (silu only)")
@@ -47,11 +47,11 @@ def moe_layer(b, cfg, experts, router: np.ndarray, x: str, prefix: str, layer: i
     rows, low_rows, err = [], [], _ErrorSum(len(high.stages))
     for mats in experts:
         mats = [np.asarray(m, np.float32) for m in mats]
-        rec, levels = encode(high, mats, quantize, unpack)
+        rec, levels = encode(high, mats, quantize, dequantize)
         rows.append(rec)
         err.add(mats, levels)
         if low is not None:
-            lrec, llevels = encode(low, mats, quantize, unpack)
+            lrec, llevels = encode(low, mats, quantize, dequantize)
             low_rows.append(lrec)
             err.add_low(mats, llevels[-1])
     if len(rows) != cfg.num_experts:
@@ -66,7 +66,7 @@ def moe_layer(b, cfg, experts, router: np.ndarray, x: str, prefix: str, layer: i
     if shared is not None:
         shared_fmt = RecordFormat(cfg.hidden_size, cfg.shared_expert_ffn_dim, STAGES[(quant, None)], b.group_size)
         mats = [np.asarray(m, np.float32) for m in shared]
-        rec, _ = encode(shared_fmt, mats, quantize, unpack)
+        rec, _ = encode(shared_fmt, mats, quantize, dequantize)
         inputs += [b.weight(f"{prefix}.shared", _stack([rec], shared_fmt)),
                    b.weight(f"{prefix}.shared_gate", np.asarray(shared_gate, np.float32).reshape(1, -1))]
         attrs.update(shared_ffn=shared_fmt.ffn, shared_stages=list(shared_fmt.stages))
@@ -105,6 +105,28 @@ class _ErrorSum:
 
 
 # -- the function body ---------------------------------------------------------------------
+def _fp32_from_bytes(b: _Body, b0: str, b1: str, b2: str, b3: str) -> str:
+    """float32 bit patterns given as four uint8 tensors (little-endian) -> float32 values.
+
+    ONNX has no bitcast, so the IEEE single is decoded arithmetically and exactly:
+    value = (1 + mantissa * 2**-23) * 2**(exponent - 127); exponent 0 (zero, subnormals)
+    gives mantissa * 2**-149. Group scales are never inf or NaN.
+    """
+    f = TensorProto.FLOAT
+    c = lambda v: b.const(v, np.float32)  # noqa: E731
+    v0, v1, v2, v3 = (b.op("Cast", x, to=f) for x in (b0, b1, b2, b3))
+    sign = b.op("Floor", b.op("Div", v3, c(128.0)))
+    e_lo = b.op("Floor", b.op("Div", v2, c(128.0)))
+    exp = b.op("Add", b.op("Mul", b.op("Sub", v3, b.op("Mul", sign, c(128.0))), c(2.0)), e_lo)
+    m_hi = b.op("Sub", v2, b.op("Mul", e_lo, c(128.0)))
+    mant = b.op("Add", b.op("Add", b.op("Mul", m_hi, c(65536.0)), b.op("Mul", v1, c(256.0))), v0)
+    frac = b.op("Mul", mant, c(2.0 ** -23))
+    normal = b.op("Mul", b.op("Add", frac, c(1.0)), b.op("Pow", c(2.0), b.op("Sub", exp, c(127.0))))
+    sub = b.op("Mul", b.op("Mul", frac, c(2.0 ** -63)), c(2.0 ** -63))
+    mag = b.op("Where", b.op("Equal", exp, c(0.0)), sub, normal)
+    return b.op("Mul", mag, b.op("Sub", c(1.0), b.op("Mul", sign, c(2.0))))
+
+
 def _decode_matrix(b: _Body, tensor: str, fmt: RecordFormat, matrix: int, count: int) -> str:
     """[count, n, k] float32: matrix `matrix` of every record of `tensor`, all stages summed."""
     ax = b.const([1])
@@ -116,7 +138,7 @@ def _decode_matrix(b: _Body, tensor: str, fmt: RecordFormat, matrix: int, count:
         if bits == 16:   # the tensor is float16 [count, R/2]
             cols = b.op("Slice", tensor, b.const([co // 2]), b.const([co // 2 + n * k]), ax)
             w = b.op("Reshape", b.op("Cast", cols, to=TensorProto.FLOAT), b.const([count, n, k]))
-        else:
+        else:            # MatMulNBits codes [n, nb, blob] and float32 scales [n, nb]
             per, nb = 8 // bits, k // g
             codes = b.op("Slice", tensor, b.const([co]), b.const([co + n * k * bits // 8]), ax)
             q = b.op("Reshape", codes, b.const([count, n, nb, g // per]))
@@ -124,15 +146,15 @@ def _decode_matrix(b: _Body, tensor: str, fmt: RecordFormat, matrix: int, count:
                 fields = []
                 for t in range(per):
                     v = b.op("BitShift", q, b.const(bits * t, np.uint8), direction="RIGHT") if t else q
-                    fields.append(b.op("BitwiseAnd", v, b.const((1 << bits) - 1, np.uint8)))
-                q = b.op("Concat", *fields, axis=-1)       # value t*g/per + j of each group
+                    fields.append(b.op("Unsqueeze", b.op("BitwiseAnd", v, b.const((1 << bits) - 1, np.uint8)),
+                                       b.const([-1])))
+                q = b.op("Reshape", b.op("Concat", *fields, axis=-1), b.const([count, n, nb, g]))  # value per*j + t
             vals = b.op("Sub", b.op("Cast", q, to=TensorProto.FLOAT), b.const(2.0 ** (bits - 1), np.float32))
-            sb = b.op("Reshape", b.op("Slice", tensor, b.const([so]), b.const([so + 2 * n * nb]), ax),
-                      b.const([count, n, nb, 2]))
-            lo = b.op("Gather", sb, b.const(0), axis=3)
-            hi = b.op("Gather", sb, b.const(1), axis=3)
-            scales = b.op("Unsqueeze", _fp16_from_bytes(b, lo, hi), b.const([-1]))
-            w = b.op("Reshape", b.op("Mul", vals, scales), b.const([count, n, k]))
+            sb = b.op("Reshape", b.op("Slice", tensor, b.const([so]), b.const([so + 4 * n * nb]), ax),
+                      b.const([count, n, nb, 4]))
+            scales = _fp32_from_bytes(b, *(b.op("Gather", sb, b.const(i), axis=3) for i in range(4)))
+            w = b.op("Reshape", b.op("Mul", vals, b.op("Unsqueeze", scales, b.const([-1]))),
+                     b.const([count, n, k]))
         total = w if total is None else b.op("Add", total, w)
     return total
 

@@ -25,8 +25,16 @@ def plot_latency(res: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(modes), 4.2), dpi=120)
     xs = range(len(modes))
     bottom = [0.0] * len(modes)
-    for label, key, color in parts:
-        vals = [max(0.0, res["modes"][m]["per_token"][key] or 0.0) for m in modes]
+    split = []
+    for m in modes:
+        pt = res["modes"][m]["per_token"]
+        vals = [max(0.0, pt[key] or 0.0) for _, key, _ in parts]
+        mean = res["modes"][m]["decode_ms"]["mean"] or 0.0
+        if sum(vals) > mean > 0:        # counters that overlap: scale the stack to the token's time
+            vals = [v * mean / sum(vals) for v in vals]
+        split.append(vals)
+    for i, (label, _, color) in enumerate(parts):
+        vals = [v[i] for v in split]
         ax.bar(xs, vals, 0.55, bottom=bottom, label=label, color=color)
         bottom = [b + v for b, v in zip(bottom, vals)]
     pred = [res["modes"][m]["predicted"]["ms"] for m in modes]
@@ -39,7 +47,8 @@ def plot_latency(res: dict, path: str) -> None:
     ax.set_xticks(list(xs), modes)
     ax.set_ylabel("decode ms / token (mean, split)")
     ax.set_title(res["title"], fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_ylim(0, 1.25 * max(bottom + pred + floor + p50))
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

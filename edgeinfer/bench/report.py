@@ -114,7 +114,7 @@ def ratios(modes: dict) -> dict:
 
 
 def build_results(*, cfg, manifest, traffic, device, device_source, rates, modes, infos, warm, runs, skipped,
-                  prompt, load_avg=(None, None)) -> dict:
+                  prompt, load_avg=(None, None), notes=None) -> dict:
     from .runner import config_dict
     source = manifest.raw.get("source") or {}
     synthetic = source.get("synthetic")
@@ -141,6 +141,7 @@ def build_results(*, cfg, manifest, traffic, device, device_source, rates, modes
         "modes": per_mode,
         "ratios": ratios(per_mode),
         "skipped": skipped,
+        "notes": notes or {},
     }
 
 
@@ -240,6 +241,8 @@ def format_table(res: dict) -> str:
     lines = head + [""] + _render(rows)
     for m, why in res["skipped"].items():
         lines.append(f"  ({m}: skipped, {why})")
+    for m, note in res.get("notes", {}).items():
+        lines.append(f"  ({note})")
     if res["synthetic"]:
         lines.append("  SYNTHETIC weights: shapes of a real model, statistics imitated; not a trained model")
     if dev["source"] == "profile":

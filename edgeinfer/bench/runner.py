@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..budget import fmt_bytes
 from ..errors import ContextLengthError, EdgeInferError
 from .worker import LocalWorker, ProcessWorker, WorkerSpec
 
@@ -157,9 +158,20 @@ def run_bench(cfg: BenchConfig) -> dict:
             why = mode_availability(manifest, graph, m)
             if why:
                 raise EdgeInferError(f"mode {m} cannot run on {folder}: {why}")
+    budgets, notes = {}, {}
     for m in modes:
-        if m != "resident":
-            check_budget(manifest, graph, m, cfg.memory_budget, options)
+        if m == "resident":
+            budgets[m] = None                     # the baseline that fits: no budget
+            continue
+        budgets[m] = cfg.memory_budget
+        if m == "naive":
+            # the baseline needs one layer's FFN in memory; below that it runs at its minimum
+            need = naive_minimum(manifest, graph, options)
+            asked = _budget_bytes(manifest, cfg.memory_budget)
+            if asked is not None and asked < need:
+                budgets[m] = need
+                notes[m] = f"naive runs at its minimum {fmt_bytes(need)} (one layer's FFN), above the budget"
+        check_budget(manifest, graph, m, budgets[m], options)
     total = cfg.prompt_tokens + cfg.new_tokens
     max_ctx = int(manifest.generation.get("max_context", manifest.config.max_position_embeddings))
     if total > max_ctx:
@@ -175,8 +187,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     warm = {}
     try:
         for m in modes:        # one at a time: the first compiles (or loads) Numba's cache
-            spec = WorkerSpec(str(folder), m, None if m == "resident" else cfg.memory_budget, cfg.threads,
-                              options=options)
+            spec = WorkerSpec(str(folder), m, budgets[m], cfg.threads, options=options)
             _say(cfg, f"loading {m}")
             workers[m] = (ProcessWorker if cfg.isolate else LocalWorker)(spec)
             _say(cfg, f"warming up {m} ({cfg.warmup_tokens} tokens)")
@@ -197,7 +208,19 @@ def run_bench(cfg: BenchConfig) -> dict:
     from .report import build_results
     return build_results(cfg=cfg, manifest=manifest, traffic=traffic, device=device, device_source=device_source,
                          rates=rates, modes=modes, infos={m: w.info for m, w in workers.items()}, warm=warm,
-                         runs=runs, skipped=skipped, prompt=ids, load_avg=(load_start, _loadavg()))
+                         runs=runs, skipped=skipped, prompt=ids, load_avg=(load_start, _loadavg()), notes=notes)
+
+
+def naive_minimum(manifest, graph, options: dict) -> int:
+    from ..plan import RuntimeOptions, make_plan
+    from ..stats import RuntimeStats
+    return make_plan(manifest, graph, None, RuntimeOptions(mode="naive", **options), RuntimeStats()).minimum_bytes
+
+
+def _budget_bytes(manifest, spec) -> int | None:
+    from ..budget import parse_budget
+    total = sum(manifest.files[f]["size"] for f in {e.file for e in manifest.tensors.values()})
+    return parse_budget(spec, total)
 
 
 def _loadavg() -> float | None:

@@ -53,7 +53,7 @@ class Sampler:
             v = logits[idx]
             logits = logits.copy()
             logits[idx] = np.where(v > 0, v / cfg.repetition_penalty, v * cfg.repetition_penalty)
-        if cfg.temperature == 0:
+        if cfg.temperature < 1e-4:      # below this, sampling is greedy (and 1/T would overflow)
             return int(np.argmax(logits))
         z = logits / cfg.temperature
         if cfg.top_k and cfg.top_k < z.size:

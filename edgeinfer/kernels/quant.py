@@ -77,6 +77,22 @@ def _matmul_fused(xs, xsum, packed, scales, sh, long_rows, out):
                     m += 1
 
 
+@njit(cache=True)
+def _split_activations(x, block_size, phases, xsum):
+    """phases[t] = x[:, t::P] (the x_t of _simd), xsum[m, b] = sum of block b of row m."""
+    M, K = x.shape
+    P = phases.shape[0]
+    for m in range(M):
+        for t in range(P):
+            for j in range(K // P):
+                phases[t, m, j] = x[m, j * P + t]
+        for b in range(K // block_size):
+            total = np.float32(0.0)
+            for k in range(b * block_size, (b + 1) * block_size):
+                total += x[m, k]
+            xsum[m, b] = total
+
+
 @njit(parallel=True, cache=True)
 def _matmul_int8act(x8, sx, corr, packed, scales, lanes_log2, out):
     """As _matmul_fused, with activations quantized to int8 (see _simd.qdot_i8)."""
@@ -287,8 +303,10 @@ def matmul_nbits(x, packed, scales, bits, block_size, out=None, int8_activations
         _matmul_generic(x, packed, scales, bits, y)
     else:
         P = 8 // bits
-        xs = tuple(np.ascontiguousarray(x[:, t::P]) for t in range(P))
-        xsum = x.reshape(M, -1, block_size).sum(axis=2, dtype=np.float32)
+        phases = np.empty((P, M, K // P), dtype=np.float32)
+        xsum = np.empty((M, K // block_size), dtype=np.float32)
+        _split_activations(x, block_size, phases, xsum)
+        xs = tuple(phases[t] for t in range(P))
         sh = (blob // W).bit_length() - 1
         _matmul_fused(xs, xsum, packed, scales, sh, K * 4 > _LONG_ROW_BYTES, y)
     return result

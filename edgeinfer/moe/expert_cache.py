@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,7 +54,6 @@ class Entry:
     pins: int = 1
     ready: bool = False
     prefetched: bool = False        # read by the prefetcher and not yet used
-    replaces: "Entry | None" = None  # the low copy an upgrade replaces once ready
 
 
 @dataclass
@@ -139,7 +138,6 @@ POLICIES = {"lru": LRUPolicy, "hobbit": HobbitPolicy}
 class CacheCounts:
     evicted: int = 0
     inserted: int = 0
-    by_precision: dict = field(default_factory=lambda: {HIGH: 0, LOW: 0})
 
 
 class ExpertCache:
@@ -151,14 +149,27 @@ class ExpertCache:
         if self.blocks < min_blocks:
             raise BudgetError(f"an expert cache of {capacity_bytes} bytes holds {self.blocks} experts; "
                               f"this layer needs at least {min_blocks} ({min_blocks * self.block_bytes} bytes)")
-        self.buffer = aligned_empty(self.blocks * self.block_bytes)
-        self.policy = POLICIES[policy](layout, half_life)
+        # bytes left over after whole blocks still hold low copies: a shorter last block
+        tail = 0 if self.blocks == layout.num_experts else (int(capacity_bytes) - self.blocks * self.block_bytes) \
+            // self.page_bytes
+        self.block_pages = [self.pages] * self.blocks + ([tail] if 0 < tail < self.pages else [])
+        self.buffer = aligned_empty(sum(self.block_pages) * self.page_bytes)
+        self._policy_args = (policy, layout, half_life)
         self.entries: dict[int, Entry] = {}
         # per block: None (free), or the entry in each page (a high copy fills every page)
-        self._slots: list[list[Entry | None] | None] = [None] * self.blocks
+        self._slots: list[list[Entry | None] | None] = [None] * len(self.block_pages)
         self.counts = CacheCounts()
         self.lock = threading.RLock()
-        self.now = 0
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every entry and the policy's history (a cold cache)."""
+        with self.lock:
+            policy, layout, half_life = self._policy_args
+            self.policy = POLICIES[policy](layout, half_life)
+            self.entries.clear()
+            self._slots = [None] * len(self.block_pages)
+            self.now = 0
 
     @property
     def nbytes(self) -> int:
@@ -170,7 +181,7 @@ class ExpertCache:
         return e if e is not None and e.ready else None
 
     def offset(self, entry: Entry) -> int:
-        return entry.block * self.block_bytes + entry.page * self.page_bytes
+        return (entry.block * self.pages + entry.page) * self.page_bytes
 
     def view(self, entry: Entry) -> np.ndarray:
         nbytes = self.layout.high_bytes if entry.precision == HIGH else self.layout.low_bytes
@@ -192,22 +203,31 @@ class ExpertCache:
         self.now += 1
 
     # -- allocation and eviction -------------------------------------------------------
-    def reserve(self, expert: int, precision: str) -> Entry:
+    def reserve(self, expert: int, precision: str, keep: Entry | None = None) -> Entry:
         """A pinned, not yet ready slot for `expert` at `precision`, evicting as needed.
 
-        If the expert is cached at another precision, that copy stays (pin it to keep it)
-        until `commit` of the new one frees it.
+        keep: the expert's copy at the other precision, kept (pinned) while the slot is found,
+        so the caller can copy from it, then `drop` it. Raises BudgetError when every slot is pinned.
         """
         with self.lock:
             pages = self.pages if precision == HIGH else 1
-            slot = self._free_slot(pages)
-            while slot is None:
-                self._evict_for(pages)
+            if keep is not None:
+                self.pin(keep)
+            try:
                 slot = self._free_slot(pages)
+                while slot is None:
+                    self._evict_for(pages)
+                    slot = self._free_slot(pages)
+            except BudgetError:
+                if keep is not None:
+                    self.release(keep)
+                raise
+            if keep is not None:
+                self.release(keep)
             block, page = slot
-            entry = Entry(expert, precision, block, page, pages, replaces=self.entries.get(expert))
+            entry = Entry(expert, precision, block, page, pages)
             if self._slots[block] is None:
-                self._slots[block] = [None] * self.pages
+                self._slots[block] = [None] * self.block_pages[block]
             for p in range(page, page + pages):
                 self._slots[block][p] = entry
             self.entries[expert] = entry
@@ -216,25 +236,20 @@ class ExpertCache:
             return entry
 
     def commit(self, entry: Entry) -> None:
-        """The read into `entry` finished: it serves lookups; a replaced copy is freed."""
-        with self.lock:
-            entry.ready = True
-            old, entry.replaces = entry.replaces, None
-            if old is not None:
-                self._free(old)
+        """The read into `entry` finished: it serves lookups."""
+        entry.ready = True
 
     def drop(self, entry: Entry) -> None:
-        """Forget an entry (a failed read, or naive mode's discard after use)."""
+        """Forget an entry (a replaced low copy, a failed read, naive mode's discard after use)."""
         with self.lock:
             if self.entries.get(entry.expert) is entry:
-                if entry.replaces is not None:
-                    self.entries[entry.expert] = entry.replaces
-                else:
-                    del self.entries[entry.expert]
+                del self.entries[entry.expert]
             self._free(entry)
 
     def _free(self, entry: Entry) -> None:
         slots = self._slots[entry.block]
+        if slots is None:
+            return
         for p in range(entry.page, entry.page + entry.pages):
             if slots[p] is entry:
                 slots[p] = None
@@ -247,7 +262,7 @@ class ExpertCache:
                 if slots is not None and None in slots:
                     return b, slots.index(None)
         for b, slots in enumerate(self._slots):
-            if slots is None:
+            if slots is None and self.block_pages[b] >= pages:
                 return b, 0
         return None
 
@@ -260,7 +275,7 @@ class ExpertCache:
                 continue
             held = list({id(s): s for s in slots if s is not None}.values())
             if pages == self.pages:
-                if any(s.pins for s in held):
+                if any(s.pins for s in held) or len(slots) < pages:
                     continue
                 v, victims = policy.block_value(held, now), held
             else:
@@ -280,9 +295,5 @@ class ExpertCache:
     def _evict(self, entry: Entry) -> None:
         if self.entries.get(entry.expert) is entry:
             del self.entries[entry.expert]
-        else:   # a low copy being replaced by an upgrade in flight: the upgrade no longer replaces it
-            new = self.entries.get(entry.expert)
-            if new is not None and new.replaces is entry:
-                new.replaces = None
         self._free(entry)
         self.counts.evicted += 1

@@ -22,15 +22,15 @@ prefix, and upgrading a cached low copy to high reads only the rest. Stages by e
     --quant int8 | int4 (no low)    ->  stages (8,) | (4,)
     --quant f16  [--expert-low b]   ->  stages (16,) [+ a separate b-bit record in experts_low]
 
-Stage part (d_out x d_in matrices m = gate, up, down; g = group size; b = stage bits):
+Stage part (each matrix m = gate, up, down is [n, k] = [d_out, d_in]; g = group size;
+b = stage bits), every piece starting on a 64-byte boundary, the part padded to 4 KiB:
 
-    [codes(gate) | codes(up) | codes(down) | scales(gate) | scales(up) | scales(down) | pad to 4 KiB]
+    [codes(gate) | scales(gate) | codes(up) | scales(up) | codes(down) | scales(down) | pad]
 
-    codes(m):  rows of m, each row d_in*b/8 bytes; per group of g values, byte j holds the
-               values j + t*(g*b/8) for t = 0 .. 8/b - 1 in bits t*b .. t*b+b-1 (for 4 bits:
-               value j in the low nibble, value j + g/2 in the high one, as ggml's Q4_0), so a
-               kernel multiplies contiguous runs of the input; code = round(w/s) + 2**(b-1).
-    scales(m): float16 [d_out, d_in/g] (little-endian bytes).
+    codes(m):  uint8 [n, k/g, g*b/8] and scales(m): float32 [n, k/g] -- exactly the
+               MatMulNBits layout of export/quantize.py (code = round(w/s) + 2**(b-1); for
+               4 bits value 2j in the low nibble), so the runtime hands views of a cached
+               record straight to kernels.matmul_nbits.
     b = 16:    [gate | up | down] as float16 values, no scales.
 """
 from __future__ import annotations
@@ -54,6 +54,10 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def _pad64(n: int) -> int:
+    return -(-n // 64) * 64
+
+
 @dataclass(frozen=True)
 class RecordFormat:
     """A record of stages; `decode`/kernels may use only its first `levels` stages."""
@@ -66,12 +70,14 @@ class RecordFormat:
         d, f = self.hidden, self.ffn
         return ((f, d), (f, d), (d, f))
 
-    def stage_bytes(self, bits: int) -> int:
-        elems = sum(n * k for n, k in self.shapes())
+    def _pieces(self, bits: int) -> list[tuple[int, int]]:
+        """(codes bytes, scales bytes) of each matrix in a stage part."""
         if bits == 16:
-            return _align(2 * elems)
-        groups = sum(n * (k // self.group_size) for n, k in self.shapes())
-        return _align(elems * bits // 8 + 2 * groups)
+            return [(2 * n * k, 0) for n, k in self.shapes()]
+        return [(n * k * bits // 8, 4 * n * (k // self.group_size)) for n, k in self.shapes()]
+
+    def stage_bytes(self, bits: int) -> int:
+        return _align(sum(_pad64(c) + _pad64(sc) for c, sc in self._pieces(bits)))
 
     def stage_offsets(self) -> list[int]:
         out, at = [], 0
@@ -87,21 +93,16 @@ class RecordFormat:
     def record_bytes(self) -> int:
         return self.prefix_bytes(len(self.stages))
 
-    def parts(self, levels: int | None = None):
-        """(bits, matrix index, codes offset, scales offset, rows, cols) for each stage and matrix."""
+    def parts(self, levels: int | None = None) -> list[tuple[int, int, int, int, int, int]]:
+        """(bits, matrix index, codes offset, scales offset, rows n, cols k) of each stage's matrices."""
         out = []
-        for s, (b, base) in enumerate(zip(self.stages, self.stage_offsets())):
-            if levels is not None and s >= levels:
-                break
+        stages = self.stages if levels is None else self.stages[:levels]
+        for b, base in zip(stages, self.stage_offsets()):
             at = base
-            for m, (n, k) in enumerate(self.shapes()):
-                out.append([b, m, at, -1, n, k])
-                at += n * k * (2 if b == 16 else b) // (1 if b == 16 else 8)
-            if b != 16:
-                for p in out[-3:]:
-                    p[3] = at
-                    at += 2 * p[4] * (p[5] // self.group_size)
-        return [tuple(p) for p in out]
+            for m, ((n, k), (c, sc)) in enumerate(zip(self.shapes(), self._pieces(b))):
+                out.append((b, m, at, at + _pad64(c), n, k))
+                at += _pad64(c) + _pad64(sc)
+        return out
 
 
 @dataclass(frozen=True)
@@ -163,86 +164,66 @@ class ExpertLayout:
 
 
 # -- encoding (export) and reference decoding (tests, the kernels' reference) ---------------
-def _order(codes: np.ndarray, bits: int, g: int) -> np.ndarray:
-    """Unsigned codes [n, k] -> packed bytes [n, k*bits/8] in the record's per-group order."""
-    n, k = codes.shape
-    if bits == 8:
-        return codes.astype(np.uint8)
-    per = 8 // bits
-    c = codes.reshape(n, k // g, per, g // per).astype(np.uint8)
-    out = np.zeros((n, k // g, g // per), np.uint8)
-    for t in range(per):
-        out |= c[:, :, t, :] << (bits * t)
-    return out.reshape(n, -1)
-
-
-def _unorder(packed: np.ndarray, bits: int, g: int, k: int) -> np.ndarray:
-    """Inverse of _order: packed bytes (any shape, n*k*bits/8 of them) -> codes [n, k]."""
-    n = packed.size * 8 // bits // k
-    if bits == 8:
-        return packed.reshape(n, k)
-    per = 8 // bits
-    p = packed.reshape(n, k // g, g // per)
-    out = np.empty((n, k // g, per, g // per), np.uint8)
-    for t in range(per):
-        out[:, :, t, :] = (p >> (bits * t)) & ((1 << bits) - 1)
-    return out.reshape(n, k)
-
-
-def encode(fmt: RecordFormat, matrices, quantize, unpack) -> tuple[np.ndarray, list[np.ndarray]]:
+def encode(fmt: RecordFormat, matrices, quantize, dequantize) -> tuple[np.ndarray, list[list[np.ndarray]]]:
     """One expert's record (uint8 [record_bytes]) from float32 gate/up/down.
 
-    Returns (record, reconstructions): the float32 matrices the first 1, 2, ... stages decode
-    to (summed), for the export's error report. `quantize(w, bits, g)` / `unpack(p, bits)`
-    are export/quantize.py's (MatMulNBits order; re-ordered here).
+    Returns (record, levels): levels[j] = the float32 matrices the first j+1 stages decode
+    to, for the export's error report. `quantize(w, bits, g)` / `dequantize(p, s, bits)` are
+    export/quantize.py's; each stage quantizes what the stages before it left over.
     """
-    g = fmt.group_size
     rec = np.zeros(fmt.record_bytes, np.uint8)
     mats = [np.asarray(m, np.float32) for m in matrices]
-    residual = mats
     recon = [np.zeros_like(m) for m in mats]
     levels = []
-    for b, base in zip(fmt.stages, fmt.stage_offsets()):
-        at = base
-        if b == 16:
-            for m in residual:
-                h = m.astype(np.float16)
-                rec[at:at + h.nbytes] = h.view(np.uint8).reshape(-1)
-                at += h.nbytes
-            recon = [r + m.astype(np.float16).astype(np.float32) for r, m in zip(recon, residual)]
-            levels.append([r.copy() for r in recon])
-            continue
-        scales16 = []
-        for j, m in enumerate(residual):
-            n, k = m.shape
-            packed, scales = quantize(m, b, g)
-            codes = unpack(packed, b).reshape(n, k)
-            s16 = scales.astype(np.float16)
-            q = _order(codes, b, g)
-            rec[at:at + q.nbytes] = q.reshape(-1)
-            at += q.nbytes
-            scales16.append(s16)
-            deq = ((codes.astype(np.float32) - 2 ** (b - 1)).reshape(n, k // g, g)
-                   * s16.astype(np.float32)[..., None]).reshape(n, k)
-            recon[j] = recon[j] + deq
-        for s16 in scales16:
-            rec[at:at + s16.nbytes] = s16.view(np.uint8).reshape(-1)
-            at += s16.nbytes
-        residual = [m - r for m, r in zip(mats, recon)]
+    parts = fmt.parts()
+    for s, b in enumerate(fmt.stages):
+        for b_, m, co, so, n, k in parts[3 * s:3 * s + 3]:
+            residual = mats[m] - recon[m]
+            if b == 16:
+                h = residual.astype(np.float16)
+                rec[co:co + h.nbytes] = h.view(np.uint8).reshape(-1)
+                recon[m] = recon[m] + h.astype(np.float32)
+                continue
+            packed, scales = quantize(residual, b, fmt.group_size)
+            rec[co:co + packed.nbytes] = packed.reshape(-1)
+            rec[so:so + scales.nbytes] = scales.astype(np.float32).view(np.uint8).reshape(-1)
+            recon[m] = recon[m] + dequantize(packed, scales, b)
         levels.append([r.copy() for r in recon])
     return rec, levels
+
+
+def views(fmt: RecordFormat, record: np.ndarray, levels: int | None = None):
+    """Per matrix, the (bits, codes [n, k/g, g*b/8] | float16 [n, k], scales [n, k/g] | None)
+    of each stage: zero-copy views into `record` (uint8)."""
+    g = fmt.group_size
+    out = ([], [], [])
+    for b, m, co, so, n, k in fmt.parts(levels):
+        if b == 16:
+            out[m].append((b, record[co:co + 2 * n * k].view(np.float16).reshape(n, k), None))
+        else:
+            nb = k // g
+            out[m].append((b, record[co:co + n * k * b // 8].reshape(n, nb, g * b // 8),
+                           record[so:so + 4 * n * nb].view(np.float32).reshape(n, nb)))
+    return out
 
 
 def decode(fmt: RecordFormat, record: np.ndarray, levels: int | None = None) -> list[np.ndarray]:
     """Reference decode of one record (its first `levels` stages) -> [gate, up, down] float32."""
     record = np.ascontiguousarray(record).view(np.uint8).reshape(-1)
-    out = [np.zeros(s, np.float32) for s in fmt.shapes()]
-    g = fmt.group_size
-    for b, m, co, so, n, k in fmt.parts(levels):
-        if b == 16:
-            out[m] += record[co:co + 2 * n * k].view(np.float16).astype(np.float32).reshape(n, k)
-            continue
-        codes = _unorder(record[co:co + n * k * b // 8], b, g, k)
-        s = record[so:so + 2 * n * (k // g)].view(np.float16).astype(np.float32).reshape(n, k // g, 1)
-        out[m] += ((codes.astype(np.float32) - 2 ** (b - 1)).reshape(n, k // g, g) * s).reshape(n, k)
+    out = []
+    for stages in views(fmt, record, levels):
+        w = 0
+        for b, codes, scales in stages:
+            w = w + (codes.astype(np.float32) if b == 16 else _dequantize(codes, scales, b))
+        out.append(w)
     return out
+
+
+def _dequantize(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits codes [n, nb, blob] + scales [n, nb] -> float32 [n, nb * g]."""
+    n, nb, blob = packed.shape
+    per = 8 // bits
+    codes = np.empty((n, nb, blob, per), np.float32)
+    for t in range(per):
+        codes[..., t] = (packed >> (bits * t)) & ((1 << bits) - 1)
+    return ((codes.reshape(n, nb, -1) - 2 ** (bits - 1)) * scales[..., None]).reshape(n, -1)

@@ -19,7 +19,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..errors import StorageError
+from ..errors import BudgetError, StorageError
 from .expert_cache import ExpertCache, block_geometry
 from .kernels import expert_ffn
 from .layout import HIGH, LOW, ExpertLayout
@@ -123,20 +123,28 @@ class StreamedMoE:
         """Pin a usable cached copy of each (expert, precision), reading the missing ones as
         one batch. Returns (entries, entries read now)."""
         cache, L = self.cache, self.layout
-        entries, fresh, requests, dests, olds = [], [], [], [], []
+        entries, fresh, requests, dests = [], [], [], []
         for e, prec in wants:
             have = cache.get(e)
             if have is not None and (have.precision == HIGH or prec == LOW):
                 entries.append(cache.pin(have))
                 continue
-            if have is not None:
-                olds.append(cache.pin(have))     # the low copy stays until the high one is read
-            new = cache.reserve(e, prec)
+            new = None
+            if have is not None:                 # upgrade: keep the low copy while a slot is found
+                try:
+                    new = cache.reserve(e, prec, keep=have)
+                except BudgetError:              # no room beside it: read the whole record instead
+                    cache.drop(have)
+                    have = None
+            if new is None:
+                new = cache.reserve(e, prec)
             at = cache.offset(new)
             off, n = self._range(e, prec)
-            if have is not None and L.low_nested:    # upgrade: the prefix is in memory already
-                cache.buffer[at:at + L.low_bytes] = cache.view(have)
-                off, n, at = off + L.low_bytes, n - L.low_bytes, at + L.low_bytes
+            if have is not None:
+                if L.low_nested:                 # the record's prefix is the low copy: copy, read the rest
+                    cache.buffer[at:at + L.low_bytes] = cache.view(have)
+                    off, n, at = off + L.low_bytes, n - L.low_bytes, at + L.low_bytes
+                cache.drop(have)
             requests.append((off, n))
             dests.append(at)
             entries.append(new)
@@ -150,9 +158,6 @@ class StreamedMoE:
             for ent in entries:
                 cache.release(ent)
             raise
-        finally:
-            for old in olds:
-                cache.release(old)
         for ent in fresh:
             cache.commit(ent)
         return entries, fresh

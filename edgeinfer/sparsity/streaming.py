@@ -52,6 +52,10 @@ def make(node, const, ctx):
         records = scratch.view(lay.dtype).reshape(lay.row_shape)
 
         def run_naive(state, x, *_):
+            with ctx.lock:
+                return _run_naive(state, x)
+
+        def _run_naive(state, x):
             t0 = time.perf_counter()
             f.read_into(entry.offset, scratch)
             t1 = time.perf_counter()
@@ -81,9 +85,17 @@ def make(node, const, ctx):
         req = np.empty((neurons.size, 2), dtype=np.int64)
         req[:, 0] = entry.offset + neurons * R
         req[:, 1] = R
-        f.read_batch(req, out=raw.reshape(-1), dest=slots * R)
+        try:
+            f.read_batch(req, out=raw.reshape(-1), dest=slots * R)
+        except BaseException:   # StorageError after retries, or Ctrl-C: keep the window truthful
+            window.unreserve(neurons)
+            raise
 
-    def run(state, x, *_):
+    def run(state, x, *args):
+        with ctx.lock:
+            return _run(state, x)
+
+    def _run(state, x):
         t0 = time.perf_counter()
         needed = predict(x)
         window.begin_step()

@@ -73,6 +73,15 @@ class NeuronWindow:
         self.count += n
         return slots
 
+    def unreserve(self, neurons: np.ndarray) -> None:
+        """Undo the last reserve() (its read failed or was interrupted): the records there
+        are not valid, so the neurons must not look resident."""
+        slots = self.slot_of[neurons]
+        assert slots.size == 0 or slots.min() == self.count - neurons.size
+        self.slot_of[neurons] = -1
+        self.neuron_at[slots] = -1
+        self.count -= neurons.size
+
     def _delete_slots(self, slots: np.ndarray) -> int:
         # Delete from the highest slot down so each move takes the current last record.
         for s in np.sort(slots)[::-1]:

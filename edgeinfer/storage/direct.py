@@ -280,7 +280,7 @@ class WeightFile:
             max_gap=self.max_gap if max_gap is None else int(max_gap),
             max_read=self.max_read, dest_address=_address(out),
         )
-        use_native = self._native is not None and native is not False
+        use_native = self._native is not None and native is not False and self.faults is None
         if native is True and self._native is None:
             raise StorageError(f"{self.path}: the native fastread helper is unavailable")
         tally = [0, 0, 0]       # read calls, retries, bytes delivered: kept if a read fails

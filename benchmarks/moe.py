@@ -1,0 +1,332 @@
+"""MoE expert offloading benchmark: decode ms/token under a memory budget, side by side.
+
+    python benchmarks/moe.py                       # synthetic Mixtral-like model, built in a temp dir
+    python benchmarks/moe.py --json out.json       # the table, and the numbers as JSON ("-": stdout)
+    python benchmarks/moe.py --work /tmp/moe-bench # keep (and reuse) the checkpoint and the export
+    python benchmarks/moe.py --model MODEL_DIR     # an exported MoE folder instead
+
+Rows (one run, one model, one budget; the page cache bypassed: experts are read with
+O_DIRECT through storage.WeightFile):
+  (a) lru           on-demand loading at full precision, LRU expert cache
+  (b) lru+prefetch  (a) + layer-level prefetch of the next layer's guessed experts
+  (c) hobbit        (b) + mixed precision (a miss whose gate weight is below --threshold
+                    reads the int4 prefix of the nested record) + the multidimensional
+                    (recency, frequency, precision) cache policy
+Each row decodes the same token sequence (teacher-forced text, so low precision cannot
+change the workload), `--tokens` steps after a `--prompt-tokens` prefill; rounds alternate
+the rows so machine-load drift reaches every row alike. ms/token is the median step.
+
+The synthetic model is labelled SYNTHETIC everywhere: random weights at Mixtral-like
+shapes (default hidden 2048, 8 experts x FFN 8192, 2 layers) whose routers are fitted so
+each layer's expert usage matches the trained fixture's (tests/fixtures/models/
+fixtures_metrics.json, mixtral-8x-16m), and whose residual stream dominates each layer's
+update (as in trained models), so the next layer's router is predictable. It is written
+under --work (a temp dir by default, removed afterwards), never inside the repository.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import edgeinfer  # noqa: E402
+from edgeinfer.moe.streaming import runtime_of  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+TOKENIZER = FIXTURES / "models" / "mixtral-8x-16m" / "tokenizer.json"
+USAGE = FIXTURES / "models" / "fixtures_metrics.json"
+TEXT = FIXTURES / "data" / "wikitext2_test_head.txt"
+VOCAB = 8192
+ROWS = {
+    "a": ("(a) lru", dict(expert_policy="lru", prefetch=False, expert_low_threshold=0.0)),
+    "b": ("(b) lru+prefetch", dict(expert_policy="lru", prefetch=True, expert_low_threshold=0.0)),
+    "c": ("(c) hobbit", dict(expert_policy="hobbit", prefetch=True)),
+}
+
+
+# ---- the synthetic checkpoint -----------------------------------------------------------------
+def _rms(x):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5)
+
+
+def _attention(x, wq, wk, wv, wo, heads, kv_heads):
+    """Causal attention without rotary (only used to shape the hidden states the routers are fitted on)."""
+    t, d = x.shape
+    hd = wq.shape[0] // heads
+    q = (x @ wq.T).reshape(t, heads, hd).transpose(1, 0, 2)
+    k = np.repeat((x @ wk.T).reshape(t, kv_heads, hd).transpose(1, 0, 2), heads // kv_heads, 0)
+    v = np.repeat((x @ wv.T).reshape(t, kv_heads, hd).transpose(1, 0, 2), heads // kv_heads, 0)
+    s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + np.triu(np.full((t, t), -np.inf, np.float32), 1)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (p @ v).transpose(1, 0, 2).reshape(t, -1) @ wo.T
+
+
+def synthetic_checkpoint(folder: Path, *, hidden: int, ffn: int, experts: int, top_k: int, layers: int,
+                         seed: int = 0) -> dict:
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    heads, kv_heads = max(1, hidden // 128), max(1, hidden // 512)
+    fixture = json.loads(USAGE.read_text())["mixtral-8x-16m"]["expert_usage_per_layer"]
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    def randn(*shape, scale=1.0):
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+
+    u = randn(hidden)
+    u /= np.linalg.norm(u)                         # a direction every token carries (as trained models do)
+    embed = randn(VOCAB, hidden, scale=0.02) + 0.02 * np.sqrt(hidden) * 0.6 * u
+    from tokenizers import Tokenizer
+    calib = Tokenizer.from_file(str(TOKENIZER)).encode(TEXT.read_text()[-30000:]).ids[:256]   # not the text decoded below
+    h = embed[calib]
+    weight_map, usage_log = {}, []
+
+    def save(tensors, idx, total):
+        name = f"model-{idx:05d}-of-{total:05d}.safetensors"
+        save_file({k: np.ascontiguousarray(v, dtype=np.float16) for k, v in tensors.items()}, str(tmp / name),
+                  metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+
+    n_shards = layers + 1
+    save({"model.embed_tokens.weight": embed, "model.norm.weight": np.ones(hidden, np.float32)}, 1, n_shards)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        hd = hidden // heads
+        wq, wk = randn(heads * hd, hidden, scale=hidden ** -0.5), randn(kv_heads * hd, hidden, scale=hidden ** -0.5)
+        wv, wo = randn(kv_heads * hd, hidden, scale=hidden ** -0.5), randn(hidden, heads * hd)
+        a = _attention(_rms(h), wq, wk, wv, wo, heads, kv_heads)
+        f = 0.15 * np.sqrt((h * h).mean()) / np.sqrt((a * a).mean())     # attention: a small update
+        wo *= f
+        h = h + a * f
+        x = _rms(h)
+        # router: random directions plus a per-expert bias along u, fitted to the fixture's usage
+        target = np.asarray(fixture[i % len(fixture)][:experts], np.float64) + 0.01
+        target /= target.sum()
+        router = randn(experts, hidden, scale=1.5 / np.sqrt(hidden))
+        dc = x @ u
+        bias = np.zeros(experts, np.float32)
+        for _ in range(200):
+            top = np.argsort(-(x @ router.T + dc[:, None] * bias), 1)[:, :top_k]
+            got = np.bincount(top.ravel(), minlength=experts) / top.size
+            bias += 0.3 * np.log(target / (got + 1e-3)) / float(dc.mean())
+        router = router + bias[:, None] * u[None, :]
+        logits = x @ router.T
+        top = np.argsort(-logits, 1)[:, :top_k]
+        usage_log.append([round(float(v), 3) for v in np.bincount(top.ravel(), minlength=experts) / top.size])
+        w = np.take_along_axis(logits, top, 1)
+        w = np.exp(w - w.max(1, keepdims=True))
+        w /= w.sum(1, keepdims=True)
+        tensors = {p + "input_layernorm.weight": np.ones(hidden, np.float32),
+                   p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+                   p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk,
+                   p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": wo,
+                   p + "block_sparse_moe.gate.weight": router}
+        out = np.zeros_like(h)
+        for e in range(experts):
+            w1, w3 = randn(ffn, hidden, scale=hidden ** -0.5), randn(ffn, hidden, scale=hidden ** -0.5)
+            w2 = randn(hidden, ffn, scale=ffn ** -0.5)
+            rows, slot = np.nonzero(top == e)
+            if rows.size:
+                g = x[rows] @ w1.T
+                out[rows] += w[rows, slot, None] * ((g / (1 + np.exp(-g)) * (x[rows] @ w3.T)) @ w2.T)
+            for name, m in (("w1", w1), ("w2", w2), ("w3", w3)):
+                tensors[p + f"block_sparse_moe.experts.{e}.{name}.weight"] = m
+        scale = 0.3 * np.sqrt((h * h).mean()) / max(float(np.sqrt((out * out).mean())), 1e-12)
+        for e in range(experts):                 # experts: an update of 30% of the residual's size
+            tensors[p + f"block_sparse_moe.experts.{e}.w2.weight"] *= scale
+        h = h + out * scale
+        save(tensors, i + 2, n_shards)
+        print(f"  synthetic layer {i}: expert usage {usage_log[-1]}", file=sys.stderr, flush=True)
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    info = {"synthetic": True, "note": "SYNTHETIC random weights at Mixtral-like shapes; routers fitted to the "
+                                       "mixtral-8x-16m fixture's expert usage; not a language model",
+            "hidden": hidden, "ffn": ffn, "experts": experts, "top_k": top_k, "layers": layers,
+            "expert_usage": usage_log}
+    config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_act": "silu",
+              "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_local_experts": experts,
+              "num_experts_per_tok": top_k, "vocab_size": VOCAB, "max_position_embeddings": 1024,
+              "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": True, "bos_token_id": 0,
+              "eos_token_id": 0, "torch_dtype": "float16", "sliding_window": None,
+              "edgeinfer_synthetic": info}
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    shutil.copyfile(TOKENIZER, tmp / "tokenizer.json")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return info
+
+
+# ---- measurement -------------------------------------------------------------------------------
+def _decode(model, ids, prompt_tokens):
+    cache = model.new_cache()
+    model.forward(ids[:prompt_tokens], cache)
+    before = model.stats.snapshot()
+    counts0 = dict(runtime_of(model).counts)
+    times = []
+    for t in ids[prompt_tokens:]:
+        t0 = time.perf_counter()
+        model.forward([t], cache)
+        times.append(time.perf_counter() - t0)
+    after = model.stats.snapshot()
+    counts = {k: v - counts0.get(k, 0) for k, v in runtime_of(model).counts.items()}
+    return times, model.stats.delta(after, before), counts
+
+
+def run(args) -> dict:
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="edgeinfer-moe-bench-"))
+    synthetic = None
+    try:
+        if args.model:
+            folder = Path(args.model)
+        else:
+            tag = f"mixtral-h{args.hidden}-f{args.ffn}-e{args.experts}-l{args.layers}"
+            ckpt = work / f"{tag}.hf"
+            if not (ckpt / "config.json").exists():
+                print(f"writing the SYNTHETIC checkpoint {ckpt} ...", file=sys.stderr, flush=True)
+                synthetic_checkpoint(ckpt, hidden=args.hidden, ffn=args.ffn, experts=args.experts, top_k=2,
+                                     layers=args.layers)
+            synthetic = json.loads((ckpt / "config.json").read_text())["edgeinfer_synthetic"]
+            folder = work / f"{tag}-{args.quant}-{args.expert_low}"
+            if not (folder / "manifest.json").exists():
+                from export.exporter import export
+                print(f"exporting to {folder} ({args.quant}, experts also {args.expert_low}) ...", file=sys.stderr,
+                      flush=True)
+                t0 = time.perf_counter()
+                export(ckpt, folder, quant=args.quant, expert_low=args.expert_low, force=True, progress=False)
+                print(f"  exported in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        return measure(folder, args, synthetic)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(folder: Path, args, synthetic) -> dict:
+    from tokenizers import Tokenizer
+
+    from edgeinfer.manifest import read_manifest
+    m = read_manifest(folder)
+    experts_bytes = sum(e.nbytes for e in m.tensors.values() if e.file == "experts.bin")
+    budget = int(experts_bytes * args.budget)
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXT.read_text()[:20000]).ids
+    ids = ids[:args.prompt_tokens + args.tokens]
+    models = {}
+    for key in args.rows:
+        label, opts = ROWS[key]
+        opts = dict(opts)
+        if key == "c":
+            opts["expert_low_threshold"] = args.threshold
+        models[key] = edgeinfer.load(folder, memory_budget=budget, mode="streaming", threads=args.threads, **opts)
+    some = next(iter(models.values()))
+    direct = {f.mode for f in some.plan.context.files.values()}
+    results = {k: {"times": [], "stats": [], "counts": []} for k in models}
+    for r in range(args.rounds):
+        order = list(models)[r % len(models):] + list(models)[:r % len(models)]
+        for key in order:
+            model = models[key]
+            for layer in runtime_of(model).layers.values():      # every round starts from a cold cache
+                layer.cache.clear()
+            times, st, counts = _decode(model, ids, args.prompt_tokens)
+            results[key]["times"] += times[args.warmup:]
+            results[key]["stats"].append(st)
+            results[key]["counts"].append(counts)
+    rows = []
+    for key, res in results.items():
+        st = {k: sum(s[k] for s in res["stats"]) for k in res["stats"][0]}
+        c = {k: sum(x.get(k, 0) for x in res["counts"]) for k in set().union(*res["counts"])}
+        steps = len(res["stats"]) * args.tokens
+        ms = statistics.median(res["times"]) * 1e3
+        rows.append({"row": ROWS[key][0], "ms_per_token": round(ms, 1),
+                     "ms_per_token_mean": round(statistics.fmean(res["times"]) * 1e3, 1),
+                     "hit_rate": round(st["experts_hit"] / max(1, st["experts_needed"]), 3),
+                     "prefetch_accuracy": round(st["prefetch_hits"] / st["prefetch_issued"], 3)
+                     if st["prefetch_issued"] else None,
+                     "mb_per_token": round(st["io_bytes_read"] / steps / 1e6, 1),
+                     "low_precision_share": round(c.get("experts_run_low", 0) / max(1, c.get("experts_run", 1)), 3),
+                     "io_wait_ms_per_token": round(st["io_wait_seconds"] / steps * 1e3, 1),
+                     "compute_ms_per_token": round(st["compute_seconds"] / steps * 1e3, 1)})
+    base = rows[0]["ms_per_token"]
+    for row in rows:
+        row["speedup_vs_a"] = round(base / row["ms_per_token"], 2)
+    cfg = m.config
+    return {"model": str(folder), "synthetic": synthetic,
+            "shape": {"hidden": cfg.hidden_size, "ffn": cfg.ffn_dim, "experts": cfg.num_experts,
+                      "top_k": cfg.experts_per_token, "layers": cfg.num_layers},
+            "quantization": {"weights": m.quantization.get("weights"), "expert_low": m.quantization.get("expert_low")},
+            "experts_bytes": experts_bytes, "budget_bytes": budget, "resident_bytes": some.resident_bytes,
+            "cache_bytes": runtime_of(some).cache_bytes(), "read_mode": sorted(direct),
+            "threshold": args.threshold, "tokens": args.tokens, "rounds": args.rounds, "rows": rows}
+
+
+def print_table(out: dict) -> None:
+    s = out["shape"]
+    label = "SYNTHETIC " if out["synthetic"] else ""
+    print(f"{label}Mixtral-like MoE: hidden {s['hidden']}, {s['experts']} experts x FFN {s['ffn']} (top-{s['top_k']}), "
+          f"{s['layers']} layers; {out['quantization']['weights']} experts, low copy "
+          f"{out['quantization']['expert_low']} (nested)")
+    print(f"experts {out['experts_bytes'] / 2**20:.0f} MiB = {out['experts_bytes'] / out['budget_bytes']:.2f} x the "
+          f"budget {out['budget_bytes'] / 2**20:.0f} MiB (resident {out['resident_bytes'] / 2**20:.0f} MiB, expert caches "
+          f"{out['cache_bytes'] / 2**20:.0f} MiB); reads {', '.join(out['read_mode'])}; "
+          f"{out['tokens']} tokens x {out['rounds']} rounds; threshold {out['threshold']}")
+    cols = [("row", 18, "{}"), ("ms_per_token", 9, "{:.1f}"), ("speedup_vs_a", 8, "{:.2f}x"),
+            ("hit_rate", 6, "{:.3f}"), ("prefetch_accuracy", 9, "{}"), ("mb_per_token", 8, "{:.1f}"),
+            ("low_precision_share", 6, "{:.3f}"), ("io_wait_ms_per_token", 8, "{:.1f}"),
+            ("compute_ms_per_token", 8, "{:.1f}")]
+    heads = ["", "ms/tok", "speedup", "hits", "prefetch", "MB/tok", "low", "io ms", "comp ms"]
+    print("  ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, (_, w, _)) in enumerate(zip(heads, cols))))
+    for row in out["rows"]:
+        cells = []
+        for i, (k, w, f) in enumerate(cols):
+            v = row[k]
+            text = "-" if v is None else f.format(v)
+            cells.append(f"{text:<{w}}" if i == 0 else f"{text:>{w}}")
+        print("  ".join(cells))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="an exported MoE model folder (default: build the synthetic one)")
+    p.add_argument("--work", help="folder for the synthetic checkpoint and export, kept and reused "
+                                  "(default: a temp dir, removed afterwards)")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=8192)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--quant", default="int8", choices=["int8", "int4"])
+    p.add_argument("--expert-low", default="int4", choices=["int4", "int2"])
+    p.add_argument("--budget", type=float, default=0.5,
+                   help="memory budget as a fraction of the expert bytes (default 0.5: experts = 2x the budget)")
+    p.add_argument("--threshold", type=float, default=0.5, help="expert_low_threshold of row (c) (default 0.5)")
+    p.add_argument("--tokens", type=int, default=24, help="decode steps per round (default 24)")
+    p.add_argument("--prompt-tokens", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=4, help="steps of each round left out of the median")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rows", default="abc", help="which rows to run (default abc)")
+    p.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
+    p.add_argument("--json", help="also write the numbers as JSON to this file ('-': stdout)")
+    args = p.parse_args(argv)
+    out = run(args)
+    print_table(out)
+    if args.json:
+        text = json.dumps(out, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
