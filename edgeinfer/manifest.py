@@ -18,7 +18,7 @@ from .errors import ChecksumError, ModelFormatError
 FORMAT_NAME = "edgeinfer-model"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_DTYPES = {"float32", "float16", "uint8", "int8", "int32", "int64"}
+_DTYPES = {"float32", "float16", "uint8", "int8", "int32", "uint32", "int64"}
 _MAX_TENSOR_BYTES = 1 << 40
 
 

@@ -36,6 +36,7 @@ class RuntimeOptions:
     window: int = 5               # keep neurons active in the last k tokens (LLM in a flash §3.3)
     threshold: float | None = None  # override the predictors' calibrated thresholds (probability)
     direct_io: bool = True        # bypass the page cache (O_DIRECT / F_NOCACHE)
+    verify_reads: bool = True     # crc32 of every streamed neuron record as it arrives
     io_threads: int = 4
     expert_policy: str = "hobbit"  # MoE cache eviction: "lru" or "hobbit" (recency, frequency, precision)
     prefetch: bool = True          # MoE: start next layer's likely experts while this layer computes
@@ -93,7 +94,8 @@ class Plan:
     def close(self) -> None:
         if self.context:
             for f in self.context.files.values():
-                f.close()
+                if isinstance(f, WeightFile):
+                    f.close()
 
 
 def _plugin(node: Node):

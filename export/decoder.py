@@ -9,6 +9,7 @@ Graph interface (what edgeinfer's executor and plain onnxruntime both run):
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 from onnx import TensorProto
@@ -134,6 +135,11 @@ def bundled_ffn(b: GraphBuilder, cfg: ModelConfig, w, i: int, x: str, prefix: st
         raise UnsupportedModelError("gated FFNs with biases cannot be bundled yet")
     records = encode(layout, gate, up, down, quantize)
     bundle = b.weight(f"{prefix}.bundle", records, FFN_FILE)
+    # One crc32 per neuron record (resident, not part of the graph): streamed reads are
+    # checked record by record as they arrive.
+    raw = records.view(np.uint8).reshape(layout.ffn, -1)
+    crcs = np.array([zlib.crc32(r) for r in raw], dtype=np.uint32)
+    b.writer.add_tensor(f"{prefix}.bundle.crc32", crcs, "weights.bin")
     up_b, down_b = w.get("up.bias", i, optional=True), w.get("down.bias", i, optional=True)
     inputs = [x, bundle,
               b.weight(f"{prefix}.up_bias", up_b.astype(np.float32)) if up_b is not None else "",

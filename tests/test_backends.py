@@ -184,6 +184,17 @@ def test_kv_cache_is_the_same_object_for_every_backend(exported):
     assert np.abs(fresh - logits["hybrid"]).max() < 1e-4
 
 
+def test_large_bundles_are_not_constant_folded(exported, monkeypatch):
+    """Past ort_backend.FOLD_LIMIT onnxruntime would fold BundledFFN bodies into float32
+    weights (8x); folding is turned off with a warning and the result is unchanged."""
+    folder = _folder(exported, "llama-relu-8m", "int4")
+    monkeypatch.setattr(ort_backend, "FOLD_LIMIT", 1 << 20)
+    with pytest.warns(ResourceWarning, match="backend='hybrid'"):
+        model = edgeinfer.load(folder, backend="ort")
+    ids = model.tokenizer.encode(PROMPTS[0])
+    assert np.abs(model.logits(ids) - edgeinfer.load(folder, backend="ort").logits(ids)).max() < 1e-4
+
+
 def test_missing_provider_falls_back_with_a_warning(exported, caplog):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDAExecutionProvider is installed here: nothing falls back")

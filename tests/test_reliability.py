@@ -247,3 +247,24 @@ print(rss() - base)
         growth[mode] = int(out.stdout.strip().splitlines()[-1])
     print(f"budget {budget} bytes; RSS growth streaming {growth['streaming']}, resident {growth['resident']}")
     assert growth["streaming"] <= budget + MEMORY_OVERHEAD
+
+
+def test_corrupted_neuron_record_is_caught_when_streamed(streamed_folder, tmp_path):
+    """ffn.bin is not read whole at load when streaming; each neuron record's crc32 is
+    checked as it arrives, and the error names the file, neuron and offset."""
+    folder = tmp_path / "m"
+    shutil.copytree(streamed_folder, folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    t = m["tensors"]["layers.1.ffn.bundle"]
+    record = t["nbytes"] // t["shape"][0]
+    neuron = 17
+    with open(folder / "ffn.bin", "r+b") as fh:
+        fh.seek(t["offset"] + neuron * record + 3)
+        b = fh.read(1)
+        fh.seek(t["offset"] + neuron * record + 3)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    model = edgeinfer.load(folder, memory_budget=ffn_budget(folder, 0.3), threshold=0.0)  # loads every neuron
+    from edgeinfer.errors import ChecksumError
+    with pytest.raises(ChecksumError, match=rf"ffn.bin: checksum mismatch in neuron {neuron} of layers.1.ffn.bundle "
+                                            rf"at offset {t['offset'] + neuron * record}"):
+        model.generate(PROMPT, max_new_tokens=4)

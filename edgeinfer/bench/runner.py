@@ -166,9 +166,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         budgets[m] = cfg.memory_budget
         if m == "naive":
             # the baseline needs one layer's FFN in memory; below that it runs at its minimum
-            need = naive_minimum(manifest, graph, options)
+            need, resident = naive_minimum(manifest, graph, options)
             asked = _budget_bytes(manifest, cfg.memory_budget)
-            if asked is not None and asked < need:
+            if asked is not None and resident <= asked < need:
                 budgets[m] = need
                 notes[m] = f"naive runs at its minimum {fmt_bytes(need)} (one layer's FFN), above the budget"
         check_budget(manifest, graph, m, budgets[m], options)
@@ -211,10 +211,12 @@ def run_bench(cfg: BenchConfig) -> dict:
                          runs=runs, skipped=skipped, prompt=ids, load_avg=(load_start, _loadavg()), notes=notes)
 
 
-def naive_minimum(manifest, graph, options: dict) -> int:
+def naive_minimum(manifest, graph, options: dict) -> tuple[int, int]:
+    """(naive mode's minimum budget, the resident weights within it)."""
     from ..plan import RuntimeOptions, make_plan
     from ..stats import RuntimeStats
-    return make_plan(manifest, graph, None, RuntimeOptions(mode="naive", **options), RuntimeStats()).minimum_bytes
+    plan = make_plan(manifest, graph, None, RuntimeOptions(mode="naive", **options), RuntimeStats())
+    return plan.minimum_bytes, sum(manifest.files[f]["size"] for f in plan.resident_files)
 
 
 def _budget_bytes(manifest, spec) -> int | None:

@@ -55,6 +55,11 @@ _INT64_MAX = np.iinfo(np.int64).max
 # block: 40-50 GB/s, logits within ~0.05 of the float path (fixtures). 4-bit weights keep
 # float activations, the numerics of the Numba kernels. Other providers ignore it.
 ACCURACY_LEVEL = {8: 4}
+# onnxruntime constant-folds a BundledFFN's function body into float32 weights, 8x the
+# int4 bytes, and holds the intermediate tensors of the fold as well: a 520 MB int4
+# export was killed for memory (23 GB machine). Above this many folded bytes per
+# session, folding is off and a warning says so (the body then dequantizes per call).
+FOLD_LIMIT = 256 << 20
 
 
 class ProviderWarning(UserWarning):
@@ -216,7 +221,16 @@ class OrtRunner:
         sub_model = helper.make_model(sub, opset_imports=list(self.model.opset_import),
                                       functions=self._functions_for(nodes), ir_version=self.model.ir_version,
                                       producer_name="edgeinfer")
-        session = self._session(sub_model, [t.name for t in inits if t.data_location == TensorProto.EXTERNAL])
+        fold = sum(_folded_bytes(self.graph.nodes[i]) for i in seg.nodes)
+        if fold > FOLD_LIMIT:
+            msg = (f"onnxruntime would constant-fold the BundledFFN bodies of nodes {seg.nodes[0]}..{seg.nodes[-1]} "
+                   f"into {fold / 2**30:.1f} GiB of float32 weights (plus the fold's intermediates): folding is off "
+                   "for this session, so the bundles are dequantized on every call (slow). Use backend='hybrid' "
+                   "(the bundled FFN in Numba) or export with bundle=False to run this model in onnxruntime")
+            log.warning(msg)
+            warnings.warn(msg, ResourceWarning, stacklevel=5)
+        session = self._session(sub_model, [t.name for t in inits if t.data_location == TensorProto.EXTERNAL],
+                                fold=fold <= FOLD_LIMIT)
         host = {o for o in outputs if o in seg.host_outputs or self.device == "cpu"}
         return OrtSegment(self, session, seg.nodes, inputs, outputs, host, kvs, head_here)
 
@@ -260,7 +274,7 @@ class OrtRunner:
             todo += [(n.domain, n.op_type) for n in f.node]
         return out
 
-    def _session(self, model: onnx.ModelProto, shared: list[str]):
+    def _session(self, model: onnx.ModelProto, shared: list[str], fold: bool = True):
         ort = _ort()
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -276,7 +290,8 @@ class OrtRunner:
         for name in shared:
             so.add_initializer(name, self._ortvalue(name))
         try:
-            session = ort.InferenceSession(model.SerializeToString(), so, providers=self.providers)
+            session = ort.InferenceSession(model.SerializeToString(), so, providers=self.providers,
+                                           disabled_optimizers=None if fold else ["ConstantFolding"])
         except Exception as exc:   # onnxruntime raises its own exception types
             raise EdgeInferError(f"onnxruntime could not build a session for {model.graph.name} ({exc})") from None
         if not self._checked:      # a provider that loaded but did not take the session is a fallback too
@@ -317,6 +332,14 @@ class OrtRunner:
 
     def keep(self, cache, kv: _KV, key, value, length: int, last) -> None:
         self._pasts[cache][kv.layer] = _Past(key, value, length, last)
+
+
+def _folded_bytes(node) -> int:
+    """float32 bytes onnxruntime's constant folding makes of a BundledFFN's weights."""
+    if (node.domain, node.op_type) != ("edgeinfer", "BundledFFN"):
+        return 0
+    a = node.attrs
+    return int(a["ffn"]) * int(a["hidden"]) * 4 * (3 if a["gated"] else 2)
 
 
 def _empty(cache) -> np.ndarray:

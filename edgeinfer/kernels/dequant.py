@@ -34,5 +34,14 @@ def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.nd
     return _dequant(packed, np.ascontiguousarray(scales, dtype=np.float32).reshape(n, nb), bits)
 
 
+CHUNK_BYTES = 32 << 20   # float32 dequantized at a time: prefill memory stays bounded
+
+
 def prefill_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
-    return np.dot(x, dequantize_nbits(packed, scales, bits).T)
+    n, nb, blob = packed.shape
+    k = nb * blob * 8 // bits
+    step = max(256, CHUNK_BYTES // (4 * k))
+    y = np.empty((x.shape[0], n), np.float32)
+    for s in range(0, n, step):
+        y[:, s:s + step] = x @ dequantize_nbits(packed[s:s + step], scales[s:s + step], bits).T
+    return y

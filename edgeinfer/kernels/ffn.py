@@ -253,14 +253,21 @@ def decode_rows(records: np.ndarray, layout, rows: np.ndarray) -> np.ndarray:
 PREFILL_ROWS = 8   # from this many tokens on, decode the records once and use BLAS
 
 
+DECODE_CHUNK_BYTES = 32 << 20   # float32 decoded at a time: prefill memory stays bounded
+
+
 def _dense_ffn(x, records, layout, activation, rows, nids, up_bias):
-    w = decode_rows(records, layout, rows)
-    z = x @ w[0].T
-    if layout.gated:
-        a = np.maximum(z, 0) if activation == "relu" else z / (1 + np.exp(-z))
-        h = a * (x @ w[1].T)
-    else:
-        if up_bias is not None:
-            z += up_bias[nids]
-        h = np.maximum(z, 0) if activation == "relu" else z / (1 + np.exp(-z))
-    return (h @ w[-1]).astype(np.float32, copy=False)
+    step = max(64, DECODE_CHUNK_BYTES // (4 * layout.parts * layout.hidden))
+    y = np.zeros((x.shape[0], layout.hidden), np.float32)
+    for s in range(0, rows.size, step):
+        w = decode_rows(records, layout, rows[s:s + step])
+        z = x @ w[0].T
+        if layout.gated:
+            a = np.maximum(z, 0) if activation == "relu" else z / (1 + np.exp(-z))
+            h = a * (x @ w[1].T)
+        else:
+            if up_bias is not None:
+                z += up_bias[nids[s:s + step]]
+            h = np.maximum(z, 0) if activation == "relu" else z / (1 + np.exp(-z))
+        y += h @ w[-1]
+    return y

@@ -9,10 +9,11 @@ naive:     the baseline of LLM in a flash: read the layer's whole FFN every toke
 from __future__ import annotations
 
 import time
+import zlib
 
 import numpy as np
 
-from ..errors import ModelFormatError
+from ..errors import ChecksumError, ModelFormatError
 from ..kernels.ffn import bundled_ffn
 from ..storage import aligned_empty
 from .bundle import BundleLayout
@@ -24,6 +25,13 @@ MIN_NEURONS = 32   # smallest window per layer; larger active sets are processed
 
 def _layout(node) -> BundleLayout:
     return BundleLayout.from_attrs(node.attrs)
+
+
+def _check_records(raw, slots, neurons, crcs, entry, R) -> None:
+    for s, n in zip(slots, neurons):
+        if zlib.crc32(raw[s]) != crcs[n]:
+            raise ChecksumError(f"{entry.file}: checksum mismatch in neuron {n} of {entry.name} at offset "
+                                f"{entry.offset + n * R} ({R} bytes): the file is corrupted; re-export the model")
 
 
 def minimum_bytes(node, manifest, options, mode) -> int:
@@ -76,6 +84,8 @@ def make(node, const, ctx):
                                    "to stream, or load with a budget that holds the whole model")
         threshold = ctx.options.threshold if ctx.options.threshold is not None else node.attrs["threshold"]
         predict = LowRankPredictor(const(inp[4]), const(inp[5]), const(inp[6]), threshold)
+    crc_name = f"{node.inputs[1]}.crc32"
+    crcs = const(crc_name) if ctx.options.verify_reads and crc_name in ctx.manifest.tensors else None
     capacity = max(min(lay.ffn, MIN_NEURONS), min(lay.ffn, ctx.share // R))
     window = NeuronWindow(lay.ffn, R, capacity, ctx.options.window, dtype=lay.dtype)
     raw = window.buf.view(np.uint8).reshape(capacity, R)
@@ -87,7 +97,9 @@ def make(node, const, ctx):
         req[:, 1] = R
         try:
             f.read_batch(req, out=raw.reshape(-1), dest=slots * R)
-        except BaseException:   # StorageError after retries, or Ctrl-C: keep the window truthful
+            if crcs is not None:
+                _check_records(raw, slots, neurons, crcs, entry, R)
+        except BaseException:   # StorageError, ChecksumError or Ctrl-C: keep the window truthful
             window.unreserve(neurons)
             raise
 
@@ -98,6 +110,7 @@ def make(node, const, ctx):
     def _run(state, x):
         t0 = time.perf_counter()
         needed = predict(x)
+        t_pred = time.perf_counter() - t0
         window.begin_step()
         evicted = window.drop_stale()
         y = None
@@ -123,7 +136,7 @@ def make(node, const, ctx):
             y = np.zeros_like(x)
         stats.add(ffn_calls=1, tokens=x.shape[0], neurons_needed=needed.size, neurons_hit=hit,
                   neurons_loaded=loaded, neurons_evicted=evicted, io_wait_seconds=io,
-                  compute_seconds=comp + (t1 - t0 if needed.size else 0.0))
+                  compute_seconds=comp + t_pred)
         return y + down_bias if down_bias is not None else y
 
     run.window = window
