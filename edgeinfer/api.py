@@ -62,7 +62,8 @@ def load(path: str | os.PathLike | None = None, *, memory_budget=None, backend: 
 
     segments = []
     if backend != "numba":
-        from .executor.ort_backend import build_segments, resolve_providers
+        from .executor.ort_backend import build_segments
+        from .executor.providers import resolve_providers
         from .plan import PLUGINS
         segments = build_segments(graph, manifest, const, backend=backend, plan=plan, threads=threads,
                                   providers=resolve_providers(providers, profile), numba_ops=PLUGINS)

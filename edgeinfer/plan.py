@@ -33,7 +33,8 @@ PLUGINS = {
 @dataclass(frozen=True)
 class RuntimeOptions:
     mode: str = "auto"            # auto: resident if it fits the budget, else streaming
-    window: int = 5               # keep neurons active in the last k tokens (LLM in a flash §3.3)
+    window: int = 0               # k > 0: drop neurons not active in the last k tokens (LLM in a flash
+                                  # §3.3); 0: keep neurons until their slot is needed (LRU)
     threshold: float | None = None  # override the predictors' calibrated thresholds (probability)
     direct_io: bool = True        # bypass the page cache (O_DIRECT / F_NOCACHE)
     verify_reads: bool = True     # crc32 of every streamed neuron record as it arrives

@@ -17,6 +17,8 @@ runtime decision (edgeinfer/moe/streaming.py).
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 from onnx import FunctionProto, TensorProto, helper
 
@@ -60,6 +62,11 @@ def moe_layer(b, cfg, experts, router: np.ndarray, x: str, prefix: str, layer: i
     inputs = [x, b.weight(f"{prefix}.router", np.asarray(router, np.float32)),
               b.weight(f"{prefix}.experts", _stack(rows, high), EXPERTS_FILE),
               b.weight(f"{prefix}.experts_low", _stack(low_rows, low), EXPERTS_FILE) if low is not None else ""]
+    # One crc32 per (expert, stage) (resident, not in the graph): each streamed read is
+    # checked as it arrives, whichever stages it covers (a low prefix, a whole record, the rest).
+    b.writer.add_tensor(f"{prefix}.experts.crc32", stage_crcs(rows, high), "weights.bin")
+    if low is not None:
+        b.writer.add_tensor(f"{prefix}.experts_low.crc32", stage_crcs(low_rows, low), "weights.bin")
     attrs = dict(layout.to_attrs(), layer=layer, top_k=cfg.experts_per_token, norm_topk=int(cfg.norm_topk_prob),
                  activation="silu", shared_ffn=0)
     shared_fmt = None
@@ -72,6 +79,12 @@ def moe_layer(b, cfg, experts, router: np.ndarray, x: str, prefix: str, layer: i
         attrs.update(shared_ffn=shared_fmt.ffn, shared_stages=list(shared_fmt.stages))
     b.function("MoE", lambda: moe_body(layout, cfg.experts_per_token, cfg.norm_topk_prob, shared_fmt))
     return b.node("MoE", inputs, f"{prefix}.out", name=prefix, domain=DOMAIN, **attrs)
+
+
+def stage_crcs(rows: list[np.ndarray], fmt: RecordFormat) -> np.ndarray:
+    """crc32 of each stage part of each record: uint32 [E, stages]."""
+    bounds = fmt.stage_offsets() + [fmt.record_bytes]
+    return np.array([[zlib.crc32(r[a:z]) for a, z in zip(bounds[:-1], bounds[1:])] for r in rows], np.uint32)
 
 
 def _stack(rows: list[np.ndarray], fmt: RecordFormat) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import edgeinfer
 from conftest import DENSE
 from edgeinfer.errors import EdgeInferError
 from edgeinfer.executor import ort_backend
-from edgeinfer.executor.ort_backend import CPU, ProviderWarning
+from edgeinfer.executor.providers import CPU, ProviderWarning
 from edgeinfer.executor.partition import NUMBA, ORT
 
 ort = pytest.importorskip("onnxruntime")
@@ -230,6 +231,9 @@ def test_backend_argument_errors(exported):
         edgeinfer.load(folder, backend="ort", providers=["CUDA"])
     with pytest.raises(EdgeInferError, match="use backend='hybrid'"):
         edgeinfer.load(folder, backend="ort", memory_budget="75%", mode="oracle")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProviderWarning)      # device "cpu": no profile, nothing falls back
+        assert edgeinfer.load(folder, backend="ort", device="cpu").executor.segments
 
 
 @pytest.mark.parametrize("provider", OTHER_PROVIDERS)
@@ -253,7 +257,9 @@ def test_cli_backend_flags(exported, capsys):
     folder = str(_folder(exported, "llama-relu-8m", "int4"))
     out = {}
     for backend in BACKENDS:
-        assert main(["generate", "Once upon a time", "-m", folder, "--backend", backend, "--max-new-tokens", "8", "--threads", "1",
-                     *(["--providers", CPU] if backend != "numba" else [])]) == 0
+        flags = ["--backend", backend, "--max-new-tokens", "8", "--threads", "1"]
+        if backend != "numba":
+            flags += ["--providers", CPU]
+        assert main(["generate", "Once upon a time", "-m", folder, *flags]) == 0
         out[backend] = capsys.readouterr().out
     assert out["numba"] == out["ort"] == out["hybrid"] and out["numba"].startswith("Once upon a time")

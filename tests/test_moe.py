@@ -4,7 +4,6 @@ expert cache and its policies, low-precision loading, prefetch, and quality unde
 memory budget."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -269,6 +268,48 @@ def test_low_precision_misses_read_the_prefix(mixtral_mixed):
     entries, fresh = layer._load([(lows[0], LOW)])
     assert entries[0].precision == HIGH and not fresh and io.delta(before).bytes_read == 0
     layer.cache.release(entries[0])
+
+
+def test_float16_experts_with_a_separate_low_copy(exported):
+    """--quant f16 --expert-low int4: the low copy is its own record in experts_low."""
+    folder = exported(MIXTRAL, "f16", expert_low="int4")
+    tensors = read_manifest(folder).tensors
+    assert tensors["layers.0.ffn.experts_low"].file == "experts.bin"
+    model = edgeinfer.load(folder, memory_budget="50%", expert_low_threshold=1.0, prefetch=False, threads=THREADS)
+    layout = runtime_of(model).layers[0].layout
+    assert layout.stages == (16,) and layout.low_bits == 4 and not layout.low_nested
+    ids = model.tokenizer.encode(PROMPTS[1])
+    logits = _stepwise(model, ids)
+    s = model.stats.snapshot()
+    assert s["experts_low_precision"] == s["experts_loaded"] > 0
+    assert s["io_bytes_read"] == s["experts_loaded"] * layout.low_bytes
+    want = edgeinfer.load(folder, threads=THREADS).logits(ids)
+    assert (logits.argmax(-1) == want.argmax(-1)).mean() > 0.7
+
+
+def test_corrupted_expert_stage_is_caught_when_read(mixtral_mixed, tmp_path):
+    """Each (expert, stage) has a crc32: a flipped byte in the int4 residual stage goes
+    unnoticed by low-precision reads (they never read it) and fails the first high one."""
+    from edgeinfer.errors import ChecksumError
+
+    folder = tmp_path / "m"
+    shutil.copytree(mixtral_mixed, folder)
+    e = read_manifest(folder).tensors["layers.0.ffn.experts"]
+    layout = MIXED_LAYOUT
+    with open(folder / "experts.bin", "r+b") as f:
+        for expert in range(8):
+            at = e.offset + expert * layout.high_bytes + layout.low_bytes + 100
+            f.seek(at)
+            b = f.read(1)
+            f.seek(at)
+            f.write(bytes([b[0] ^ 0x10]))
+    low = edgeinfer.load(folder, memory_budget="50%", expert_low_threshold=1.0, threads=THREADS)
+    ids = low.tokenizer.encode(PROMPTS[0])
+    _stepwise(low, ids)
+    high = edgeinfer.load(folder, memory_budget="50%", threads=THREADS)
+    with pytest.raises(ChecksumError, match=r"experts.bin: checksum mismatch in expert \d of layers.0.ffn.experts "
+                                            r"\(stage 1"):
+        _stepwise(high, ids)
 
 
 def test_qwen2_moe_streams_with_its_shared_expert(qwen2_moe):

@@ -82,7 +82,7 @@ def test_predictor_quality_at_half_ffn_budget(name, exported, wikitext_ids):
     """Token-by-token perplexity (the predictor chooses per token) at a budget that holds
     half of the FFN, against resident: within +2%."""
     folder = exported(name, "int8", predictors=True)
-    ids = wikitext_ids[:4096]
+    ids = wikitext_ids[:2048]
     base = perplexity(edgeinfer.load(folder), ids, stepwise=True)
     model = edgeinfer.load(folder, memory_budget=ffn_budget(folder, 0.5))
     assert model.mode == "streaming"

@@ -59,6 +59,8 @@ def page_reads(ffn: int, record: int, n: int, align: int, trials: int = 3) -> tu
     (storage/plan.py). Averaged over a few random draws (seeded: deterministic)."""
     rng = np.random.default_rng(0)
     n = min(max(n, 0), ffn)
+    if n == 0:
+        return 0.0, 0.0
     total = calls = 0.0
     for _ in range(trials):
         ids = np.sort(rng.choice(ffn, n, replace=False)).astype(np.int64)
@@ -119,7 +121,8 @@ def predict(traffic: ModelTraffic, mode: str, device, rates: KernelRates, *, con
                 nbytes, n_reads = page_reads(F, R, int(round(loaded)), ALIGN if direct_io else 1)
                 flash_bytes += nbytes
                 reads += n_reads
-                flash += read_time(device, nbytes, nbytes / n_reads)
+                if n_reads:
+                    flash += read_time(device, nbytes, nbytes / n_reads)
     for m in traffic.moe:
         # each routed expert: its whole record through the expert kernel (a GEMV over
         # gate, up and down); a miss is one contiguous, aligned read of the record

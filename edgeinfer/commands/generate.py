@@ -19,7 +19,9 @@ def register(sub) -> None:
     p.add_argument("--memory-budget", default=None, help="e.g. 40%%, 300MB, 2GB")
     p.add_argument("--mode", default="auto", choices=["auto", "resident", "streaming", "naive", "oracle"],
                    help="auto: resident if the model fits the budget, else stream FFN neurons / experts")
-    p.add_argument("--window", type=int, default=5, help="keep neurons active in the last k tokens (0: LRU)")
+    p.add_argument("--window", type=int, default=0,
+                   help="k > 0: drop neurons not active in the last k tokens; 0 (default): keep them "
+                        "until their window slot is needed (LRU)")
     p.add_argument("--threshold", type=float, default=None, help="override the predictors' thresholds")
     p.add_argument("--no-direct-io", action="store_true", help="read through the page cache")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")

@@ -39,12 +39,10 @@ from onnx import TensorProto, helper
 from ..errors import EdgeInferError
 from .graph import Graph
 from .partition import ORT, Segment, assign, partition, tensor_types
+from .providers import device_of, fallback_warning, ort_module, provider_name
 
 log = logging.getLogger("edgeinfer.executor")
 
-CPU = "CPUExecutionProvider"
-# Where a provider keeps tensors, as I/O binding names the device (the rest work on host memory).
-_DEVICE = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 _PAST = re.compile(r"past_key_values\.(\d+)\.key$")
 _ROWS_START = "edgeinfer.rows_start"      # 0: logits for every position; -1: the last only
 _INT64_MAX = np.iinfo(np.int64).max
@@ -60,67 +58,6 @@ ACCURACY_LEVEL = {8: 4}
 # export was killed for memory (23 GB machine). Above this many folded bytes per
 # session, folding is off and a warning says so (the body then dequantizes per call).
 FOLD_LIMIT = 256 << 20
-
-
-class ProviderWarning(UserWarning):
-    """A requested onnxruntime execution provider is not available; a fallback is used."""
-
-
-def _ort():
-    import onnxruntime
-    return onnxruntime
-
-
-def _provider_name(p) -> str:
-    return p[0] if isinstance(p, (tuple, list)) else p
-
-
-def resolve_providers(requested=None, profile=None) -> list:
-    """The execution providers to use, preferred first: `requested` (names, or
-    (name, options) pairs), else the device profile's, else CPU. Those this
-    onnxruntime build lacks are dropped with a warning that names them; CPU is
-    always last, as the fallback for nodes the others do not take."""
-    source = "requested"
-    if requested is None:
-        requested = list(profile.execution_providers) if profile is not None else [CPU]
-        source = f"device profile {profile.name}" if profile is not None else "default"
-    elif isinstance(requested, str):
-        requested = [p.strip() for p in requested.split(",") if p.strip()]
-    requested = list(requested)
-    if not requested:
-        raise EdgeInferError("providers is empty; give at least one, e.g. CPUExecutionProvider")
-    available = [p for p in _ort().get_available_providers() if p != "AzureExecutionProvider"]
-    chosen, missing = [], []
-    for p in requested:
-        name = _provider_name(p)
-        if not (isinstance(name, str) and name.endswith("ExecutionProvider")):
-            raise EdgeInferError(f"{name!r} is not an onnxruntime execution provider name "
-                                 "(e.g. CUDAExecutionProvider, CPUExecutionProvider)")
-        if name not in available:
-            missing.append(name)
-        elif name not in map(_provider_name, chosen):
-            chosen.append(p)
-    if CPU not in map(_provider_name, chosen):
-        chosen.append(CPU)
-    if missing:
-        fallback_warning(missing, source, available, chosen)
-    return chosen
-
-
-def fallback_warning(missing, source, available, chosen) -> None:
-    """Never fall back silently: a warning (warnings.warn) and a log line naming what is missing."""
-    what = ", ".join(missing)
-    msg = (f"onnxruntime execution provider{'s' if len(missing) > 1 else ''} {what} ({source}) "
-           f"{'are' if len(missing) > 1 else 'is'} not available: this onnxruntime offers "
-           f"{', '.join(available) or 'none'}; using {', '.join(map(_provider_name, chosen))} "
-           f"(install an onnxruntime build with {what} to use it)")
-    log.warning(msg)
-    warnings.warn(msg, ProviderWarning, stacklevel=4)
-
-
-def device_of(providers) -> str:
-    """Where the first provider keeps tensors ("cpu" for host-memory providers)."""
-    return _DEVICE.get(_provider_name(providers[0]), "cpu")
 
 
 # ---- building the sessions ---------------------------------------------------------------
@@ -275,7 +212,7 @@ class OrtRunner:
         return out
 
     def _session(self, model: onnx.ModelProto, shared: list[str], fold: bool = True):
-        ort = _ort()
+        ort = ort_module()
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -297,7 +234,7 @@ class OrtRunner:
         if not self._checked:      # a provider that loaded but did not take the session is a fallback too
             self._checked = True
             got = session.get_providers()
-            lost = [_provider_name(p) for p in self.providers if _provider_name(p) not in got]
+            lost = [provider_name(p) for p in self.providers if provider_name(p) not in got]
             if lost:
                 fallback_warning(lost, "installed, but onnxruntime did not create it", got, got)
         return session
@@ -310,7 +247,7 @@ class OrtRunner:
                 raise EdgeInferError(f"initializer {name} is not resident; onnxruntime segments need it in memory")
             if not arr.flags.c_contiguous:
                 arr = np.ascontiguousarray(arr)
-            v = self._ortvalues[name] = (_ort().OrtValue.ortvalue_from_numpy(arr), arr)
+            v = self._ortvalues[name] = (ort_module().OrtValue.ortvalue_from_numpy(arr), arr)
         return v[0]
 
     # -- KV state ----------------------------------------------------------------------------
@@ -324,7 +261,7 @@ class OrtRunner:
         n = cache.length
         if p is not None and p.length == n and (n == 0 or np.array_equal(p.last, cache.k[kv.layer][:, n - 1])):
             return p
-        ov = _ort().OrtValue.ortvalue_from_numpy
+        ov = ort_module().OrtValue.ortvalue_from_numpy
         k = np.ascontiguousarray(cache.k[kv.layer][None, :, :n]) if cache.k else _empty(cache)
         v = np.ascontiguousarray(cache.v[kv.layer][None, :, :n]) if cache.v else _empty(cache)
         p = pasts[kv.layer] = _Past(ov(k, self.device, 0), ov(v, self.device, 0), n, None, (k, v))

@@ -63,8 +63,53 @@ def _fma(builder, a, b, c):
     return builder.fadd(c, builder.fmul(a, b, flags=_FM), flags=_FM)
 
 
+def _row(builder, arr, row):
+    """Pointer to row `row` of a 2-D array, by its own row stride: activations may be
+    padded so that rows are not a multiple of 4 KiB apart (see quant._activation_rows)."""
+    stride = cgutils.unpack_tuple(builder, arr.strides)[0]
+    base = builder.bitcast(arr.data, ir.IntType(8).as_pointer())
+    return builder.bitcast(builder.gep(base, [builder.mul(row, stride)]), arr.data.type)
+
+
+def _step_scales(builder, srow, c, sh, two_blocks):
+    """The scale of each lane of 16-byte step c as a vector. Normally one block spans
+    2**sh steps (splat of one scale); with 8-byte blocks (4-bit block 16, 2-bit block
+    32: scales passed as [N, nb/2, 2]) a step holds two blocks, 8 lanes each."""
+    if not two_blocks:
+        return _splat(builder, builder.load(builder.gep(srow, [builder.lshr(c, sh)])), _VF)
+    pair = ir.VectorType(_F32, 2)
+    two = _load_vec(builder, srow, builder.mul(c, _i64(2)), pair, 4)
+    return builder.shuffle_vector(two, ir.Constant(pair, ir.Undefined),
+                                  ir.Constant(_VI32, [0] * (W // 2) + [1] * (W // 2)))
+
+
 def _load_vec(builder, base, offset, ty, align):
     return builder.load(builder.bitcast(builder.gep(base, [offset]), ty.as_pointer()), align=align)
+
+
+def _block_correction(builder, srows, crows, b0, b1):
+    """[[sum over blocks b0..b1 of s[b] * corr[b] for corr in crows] for s in srows]:
+    the zero point's contribution, once per block instead of once per element."""
+    zero = ir.Constant(_VF, [0.0] * W)
+    vec = [[cgutils.alloca_once_value(builder, zero) for _ in crows] for _ in srows]
+    tail = [[cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in crows]
+            for _ in srows]
+    vec_end = builder.sub(b1, builder.urem(builder.sub(b1, b0), _i64(W)))
+    with cgutils.for_range(builder, builder.udiv(builder.sub(vec_end, b0), _i64(W))) as lp:
+        b = builder.add(b0, builder.mul(lp.index, _i64(W)))
+        cv = [_load_vec(builder, c, b, _VF, 4) for c in crows]
+        for r, srow in enumerate(srows):
+            sv = _load_vec(builder, srow, b, _VF, 4)
+            for i in range(len(crows)):
+                builder.store(_fma(builder, sv, cv[i], builder.load(vec[r][i])), vec[r][i])
+    with cgutils.for_range(builder, b1, start=vec_end) as lp:
+        for r, srow in enumerate(srows):
+            sb = builder.load(builder.gep(srow, [lp.index]))
+            for i, c in enumerate(crows):
+                cb = builder.load(builder.gep(c, [lp.index]))
+                builder.store(_fma(builder, sb, cb, builder.load(tail[r][i])), tail[r][i])
+    return [[builder.fadd(_hsum(builder, builder.load(vec[r][i])), builder.load(tail[r][i]),
+                          flags=_FM) for i in range(len(crows))] for r in range(len(srows))]
 
 
 def _make_qdot_f32(R, Mt, U):
@@ -72,17 +117,18 @@ def _make_qdot_f32(R, Mt, U):
     16-byte steps c0..c1 of the packed rows, float32 arithmetic throughout.
 
     Returns a tuple of R*Mt float32 (row-major in r). `sh` = log2(steps per block).
-    Unsigned codes are used as is and the zero point is removed once per block via
-    sum_b s[b] * xsum[b] (cheaper than subtracting it from every element).
+    Unsigned codes are used as is; xcorr[m, b] = -zero_point * sum(x[m, block b]) adds
+    the zero point back once per block (cheaper than subtracting it from every code).
     """
 
     @intrinsic
-    def qdot(typingctx, packed, n, xs, m, scales, xsum, c0, c1, sh):
+    def qdot(typingctx, packed, n, xs, m, scales, xcorr, c0, c1, sh):
         if not isinstance(xs, types.UniTuple) or 8 % xs.count or xs.count > 4:
             return None
         P = xs.count
         bits = 8 // P
-        sig = types.UniTuple(types.float32, R * Mt)(packed, n, xs, m, scales, xsum, c0, c1, sh)
+        two_blocks = scales.ndim == 3
+        sig = types.UniTuple(types.float32, R * Mt)(packed, n, xs, m, scales, xcorr, c0, c1, sh)
 
         def codegen(context, builder, signature, args):
             pk, n, xs_, m, sc, xsm, c0, c1, sh = args
@@ -97,7 +143,7 @@ def _make_qdot_f32(R, Mt, U):
             xrows = [builder.add(m, _i64(i)) for i in range(Mt)]
             prow = [builder.gep(pka.data, [builder.mul(v, rowbytes)]) for v in rows]
             srow = [builder.gep(sca.data, [builder.mul(v, nb)]) for v in rows]
-            xrow = [[builder.gep(a.data, [builder.mul(v, rowbytes)]) for a in xarr] for v in xrows]
+            xrow = [[_row(builder, a, v) for a in xarr] for v in xrows]
             zero = ir.Constant(_VF, [0.0] * W)
             acc = [[[cgutils.alloca_once_value(builder, zero) for _ in range(Mt)]
                     for _ in range(R)] for _ in range(U)]
@@ -107,7 +153,6 @@ def _make_qdot_f32(R, Mt, U):
                 g = builder.mul(c, _i64(W))
                 xv = [[_load_vec(builder, xrow[i][t], g, _VF, 4) for t in range(P)]
                       for i in range(Mt)]
-                sidx = builder.lshr(c, sh)
                 for r in range(R):
                     codes = builder.zext(_load_vec(builder, prow[r], g, _VI8, 1), _VI32)
                     fields = []
@@ -118,7 +163,7 @@ def _make_qdot_f32(R, Mt, U):
                         if t < P - 1:
                             f = builder.and_(f, fmask)
                         fields.append(builder.sitofp(f, _VF))
-                    sv = _splat(builder, builder.load(builder.gep(srow[r], [sidx])), _VF)
+                    sv = _step_scales(builder, srow[r], c, sh, two_blocks)
                     for i in range(Mt):
                         d = builder.fmul(fields[0], xv[i][0], flags=_FM)
                         for t in range(1, P):
@@ -135,38 +180,19 @@ def _make_qdot_f32(R, Mt, U):
             with cgutils.for_range(builder, c1, start=builder.add(c0, builder.mul(nmain, _i64(U)))) as lp:
                 step(lp.index, 0)
 
-            # zero point: zp * sum over this range's blocks of s[r, b] * xsum[i, b]
-            b0, b1 = builder.lshr(c0, sh), builder.lshr(c1, sh)
-            corr = [[cgutils.alloca_once_value(builder, zero) for _ in range(Mt)] for _ in range(R)]
-            corr1 = [[cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(Mt)]
-                     for _ in range(R)]
-            xsrow = [builder.gep(xsma.data, [builder.mul(v, nb)]) for v in xrows]
-            bvec_end = builder.sub(b1, builder.urem(builder.sub(b1, b0), _i64(W)))
-            with cgutils.for_range(builder, builder.udiv(builder.sub(bvec_end, b0), _i64(W))) as lp:
-                bb = builder.add(b0, builder.mul(lp.index, _i64(W)))
-                xv = [_load_vec(builder, xsrow[i], bb, _VF, 4) for i in range(Mt)]
-                for r in range(R):
-                    sv = _load_vec(builder, srow[r], bb, _VF, 4)
-                    for i in range(Mt):
-                        builder.store(_fma(builder, sv, xv[i], builder.load(corr[r][i])), corr[r][i])
-            with cgutils.for_range(builder, b1, start=bvec_end) as lp:
-                for r in range(R):
-                    s = builder.load(builder.gep(srow[r], [lp.index]))
-                    for i in range(Mt):
-                        xsv = builder.load(builder.gep(xsrow[i], [lp.index]))
-                        builder.store(_fma(builder, s, xsv, builder.load(corr1[r][i])), corr1[r][i])
-
-            zp = ir.Constant(_F32, float(1 << (bits - 1)))
+            crows = [builder.gep(xsma.data, [builder.mul(v, nb)]) for v in xrows]
+            if two_blocks:
+                b0, b1 = builder.mul(c0, _i64(2)), builder.mul(c1, _i64(2))
+            else:
+                b0, b1 = builder.lshr(c0, sh), builder.lshr(c1, sh)
+            corr = _block_correction(builder, srow, crows, b0, b1)
             outs = []
             for r in range(R):
                 for i in range(Mt):
                     tot = builder.load(acc[0][r][i])
                     for u in range(1, U):
                         tot = builder.fadd(tot, builder.load(acc[u][r][i]), flags=_FM)
-                    c = builder.fadd(_hsum(builder, builder.load(corr[r][i])),
-                                     builder.load(corr1[r][i]), flags=_FM)
-                    outs.append(builder.fsub(_hsum(builder, tot),
-                                             builder.fmul(c, zp, flags=_FM), flags=_FM))
+                    outs.append(builder.fadd(_hsum(builder, tot), corr[r][i], flags=_FM))
             return context.make_tuple(builder, signature.return_type, outs)
 
         return sig, codegen
@@ -180,11 +206,12 @@ qdot_1x1 = _make_qdot_f32(R=1, Mt=1, U=2)
 qdot_4x1 = _make_qdot_f32(R=4, Mt=1, U=1)
 
 
-def _make_qgemm(Mt):
-    """Intrinsic for M > 1: weight row n times activation rows m..m+Mt-1 over steps
-    c0..c1. Each 16-byte step is decoded once to float weights, (code - zp) * scale in
-    one FMA per field, then used by all Mt rows: 2 FMAs per row per step (4-bit)
-    against 3 in qdot_f32, whose per-row zero-point trick only pays off at M = 1."""
+def _make_qgemm(R, Mt):
+    """Intrinsic for M > 1: weight rows n..n+R-1 times activation rows m..m+Mt-1 over
+    steps c0..c1 -> tuple of R*Mt float32 (row-major in r). Each 16-byte step is
+    decoded once to float weights, (code - zp) * scale in one FMA per field, then used
+    by all Mt rows: 2 FMAs per row per step (4-bit) against 3 in qdot_f32, whose
+    per-row zero-point trick only pays off at M = 1; each x vector loaded serves R rows."""
 
     @intrinsic
     def qgemm(typingctx, packed, n, xs, m, scales, c0, c1, sh):
@@ -192,7 +219,8 @@ def _make_qgemm(Mt):
             return None
         P = xs.count
         bits = 8 // P
-        sig = types.UniTuple(types.float32, Mt)(packed, n, xs, m, scales, c0, c1, sh)
+        two_blocks = scales.ndim == 3
+        sig = types.UniTuple(types.float32, R * Mt)(packed, n, xs, m, scales, c0, c1, sh)
 
         def codegen(context, builder, signature, args):
             pk, n, xs_, m, sc, c0, c1, sh = args
@@ -202,35 +230,39 @@ def _make_qgemm(Mt):
                     for a in cgutils.unpack_tuple(builder, xs_, P)]
             _, nb, blob = cgutils.unpack_tuple(builder, pka.shape)
             rowbytes = builder.mul(nb, blob)
-            prow = builder.gep(pka.data, [builder.mul(n, rowbytes)])
-            srow = builder.gep(sca.data, [builder.mul(n, nb)])
-            xrow = [[builder.gep(a.data, [builder.mul(builder.add(m, _i64(i)), rowbytes)])
-                     for a in xarr] for i in range(Mt)]
+            rows = [builder.add(n, _i64(r)) for r in range(R)]
+            prow = [builder.gep(pka.data, [builder.mul(v, rowbytes)]) for v in rows]
+            srow = [builder.gep(sca.data, [builder.mul(v, nb)]) for v in rows]
+            xrow = [[_row(builder, a, builder.add(m, _i64(i))) for a in xarr] for i in range(Mt)]
             zero = ir.Constant(_VF, [0.0] * W)
-            acc = [cgutils.alloca_once_value(builder, zero) for _ in range(Mt)]
+            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(Mt)] for _ in range(R)]
             fmask = ir.Constant(_VI32, [(1 << bits) - 1] * W)
-            negzp = ir.Constant(_F32, -float(1 << (bits - 1)))
+            negzp = ir.Constant(_VF, [-float(1 << (bits - 1))] * W)
             with cgutils.for_range(builder, c1, start=c0) as lp:
                 c = lp.index
                 g = builder.mul(c, _i64(W))
-                s = builder.load(builder.gep(srow, [builder.lshr(c, sh)]))
-                sv = _splat(builder, s, _VF)
-                zv = _splat(builder, builder.fmul(s, negzp), _VF)
-                codes = builder.zext(_load_vec(builder, prow, g, _VI8, 1), _VI32)
                 wv = []
-                for t in range(P):
-                    f = codes
-                    if t:
-                        f = builder.lshr(f, ir.Constant(_VI32, [bits * t] * W))
-                    if t < P - 1:
-                        f = builder.and_(f, fmask)
-                    wv.append(_fma(builder, builder.sitofp(f, _VF), sv, zv))
-                for i in range(Mt):
-                    a = builder.load(acc[i])
+                for r in range(R):
+                    sv = _step_scales(builder, srow[r], c, sh, two_blocks)
+                    zv = builder.fmul(sv, negzp, flags=_FM)
+                    codes = builder.zext(_load_vec(builder, prow[r], g, _VI8, 1), _VI32)
+                    fields = []
                     for t in range(P):
-                        a = _fma(builder, wv[t], _load_vec(builder, xrow[i][t], g, _VF, 4), a)
-                    builder.store(a, acc[i])
-            outs = [_hsum(builder, builder.load(a)) for a in acc]
+                        f = codes
+                        if t:
+                            f = builder.lshr(f, ir.Constant(_VI32, [bits * t] * W))
+                        if t < P - 1:
+                            f = builder.and_(f, fmask)
+                        fields.append(_fma(builder, builder.sitofp(f, _VF), sv, zv))
+                    wv.append(fields)
+                for i in range(Mt):
+                    xv = [_load_vec(builder, xrow[i][t], g, _VF, 4) for t in range(P)]
+                    for r in range(R):
+                        a = builder.load(acc[r][i])
+                        for t in range(P):
+                            a = _fma(builder, wv[r][t], xv[t], a)
+                        builder.store(a, acc[r][i])
+            outs = [_hsum(builder, builder.load(acc[r][i])) for r in range(R) for i in range(Mt)]
             return context.make_tuple(builder, signature.return_type, outs)
 
         return sig, codegen
@@ -238,10 +270,12 @@ def _make_qgemm(Mt):
     return qgemm
 
 
-# M > 1: 8 activation rows per decoded weight vector (8 accumulators, 16 x loads per
-# step), and 4 for the remainder.
-qgemm_8 = _make_qgemm(8)
-qgemm_4 = _make_qgemm(4)
+# M > 1: 2 weight rows x 8 activation rows per step (16 accumulators: sized for the 32
+# vector registers of AVX-512; LLVM spills on AVX2/NEON, a smaller block would suit
+# those), and 2 x 4 for the remainder. Measured: 95 GFLOP/s on one core (1 x 8: 53;
+# eight GEMVs: 45).
+qgemm_2x8 = _make_qgemm(2, 8)
+qgemm_2x4 = _make_qgemm(2, 4)
 
 
 _I16 = ir.IntType(16)
@@ -249,31 +283,35 @@ _VI16 = ir.VectorType(_I16, W)
 _VH = ir.VectorType(ir.HalfType(), W)
 
 
-def _make_hdot(Mt, U):
-    """Intrinsic: float16 weight row n (given as its uint16 bits) times activation rows
-    m..m+Mt-1, float32 accumulation. Returns a tuple of Mt float32."""
+def _make_hdot(R, Mt, U):
+    """Intrinsic: float16 weight rows n..n+R-1 (given as their uint16 bits) times
+    activation rows m..m+Mt-1, float32 accumulation -> tuple of R*Mt float32."""
 
     @intrinsic
     def hdot(typingctx, w16, n, x, m):
-        sig = types.UniTuple(types.float32, Mt)(w16, n, x, m)
+        sig = types.UniTuple(types.float32, R * Mt)(w16, n, x, m)
 
         def codegen(context, builder, signature, args):
             wv, n, xv_, m = args
             wa = context.make_array(signature.args[0])(context, builder, wv)
             xa = context.make_array(signature.args[2])(context, builder, xv_)
             K = cgutils.unpack_tuple(builder, wa.shape)[1]
-            wrow = builder.gep(wa.data, [builder.mul(n, K)])
-            xrow = [builder.gep(xa.data, [builder.mul(builder.add(m, _i64(i)), K)]) for i in range(Mt)]
+            wrow = [builder.gep(wa.data, [builder.mul(builder.add(n, _i64(r)), K)]) for r in range(R)]
+            xrow = [_row(builder, xa, builder.add(m, _i64(i))) for i in range(Mt)]
             zero = ir.Constant(_VF, [0.0] * W)
-            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(Mt)] for _ in range(U)]
-            tail = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(Mt)]
+            acc = [[[cgutils.alloca_once_value(builder, zero) for _ in range(Mt)] for _ in range(R)]
+                   for _ in range(U)]
+            tail = [[cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(Mt)]
+                    for _ in range(R)]
 
             def step(k, u):
-                wf = builder.fpext(builder.bitcast(_load_vec(builder, wrow, k, _VI16, 2), _VH), _VF)
+                wf = [builder.fpext(builder.bitcast(_load_vec(builder, w, k, _VI16, 2), _VH), _VF)
+                      for w in wrow]
                 for i in range(Mt):
-                    a = acc[u][i]
-                    builder.store(_fma(builder, wf, _load_vec(builder, xrow[i], k, _VF, 4),
-                                       builder.load(a)), a)
+                    xv = _load_vec(builder, xrow[i], k, _VF, 4)
+                    for r in range(R):
+                        a = acc[u][r][i]
+                        builder.store(_fma(builder, wf[r], xv, builder.load(a)), a)
 
             nmain = builder.udiv(K, _i64(W * U))
             with cgutils.for_range(builder, nmain) as lp:
@@ -284,16 +322,19 @@ def _make_hdot(Mt, U):
             with cgutils.for_range(builder, builder.udiv(builder.sub(kvec, builder.mul(nmain, _i64(W * U))), _i64(W))) as lp:
                 step(builder.add(builder.mul(nmain, _i64(W * U)), builder.mul(lp.index, _i64(W))), 0)
             with cgutils.for_range(builder, K, start=kvec) as lp:
-                wf = builder.fpext(builder.bitcast(builder.load(builder.gep(wrow, [lp.index])), ir.HalfType()), _F32)
-                for i in range(Mt):
-                    xs = builder.load(builder.gep(xrow[i], [lp.index]))
-                    builder.store(_fma(builder, wf, xs, builder.load(tail[i])), tail[i])
+                for r in range(R):
+                    h = builder.load(builder.gep(wrow[r], [lp.index]))
+                    wf = builder.fpext(builder.bitcast(h, ir.HalfType()), _F32)
+                    for i in range(Mt):
+                        xs = builder.load(builder.gep(xrow[i], [lp.index]))
+                        builder.store(_fma(builder, wf, xs, builder.load(tail[r][i])), tail[r][i])
             outs = []
-            for i in range(Mt):
-                tot = builder.load(acc[0][i])
-                for u in range(1, U):
-                    tot = builder.fadd(tot, builder.load(acc[u][i]), flags=_FM)
-                outs.append(builder.fadd(_hsum(builder, tot), builder.load(tail[i]), flags=_FM))
+            for r in range(R):
+                for i in range(Mt):
+                    tot = builder.load(acc[0][r][i])
+                    for u in range(1, U):
+                        tot = builder.fadd(tot, builder.load(acc[u][r][i]), flags=_FM)
+                    outs.append(builder.fadd(_hsum(builder, tot), builder.load(tail[r][i]), flags=_FM))
             return context.make_tuple(builder, signature.return_type, outs)
 
         return sig, codegen
@@ -301,9 +342,9 @@ def _make_hdot(Mt, U):
     return hdot
 
 
-hdot_1 = _make_hdot(Mt=1, U=2)
-hdot_4 = _make_hdot(Mt=4, U=1)
-hdot_8 = _make_hdot(Mt=8, U=1)
+hdot_1x1 = _make_hdot(R=1, Mt=1, U=2)
+hdot_2x8 = _make_hdot(R=2, Mt=8, U=1)
+hdot_2x4 = _make_hdot(R=2, Mt=4, U=1)
 
 
 # ---------------------------------------------------------------- int8 activations (VNNI)
@@ -319,52 +360,57 @@ _VI8x64 = ir.VectorType(_I8, VW)
 def _make_qdot_i8(Mt, U):
     """Intrinsic: weight row n times int8 activation rows m..m+Mt-1 -> tuple of Mt float32.
 
-    x8: P phase arrays int8 [M, K/P]; sx: float32 [M, K/P/4], the x scale of each
-    32-bit lane; corr: int32 [M, K/P/4] = -zero_point * (sum of the lane's x8 bytes);
-    lanes_log2 = log2(blob / 4), the lanes per weight block (blob >= 16, a power of 2).
+    x8: P phase arrays int8 [M, K/P]; sx: float32 [M, nb], the x scale of each weight
+    block; xcorr: float32 [M, nb] = -zero_point * sx * (sum of the block's x8);
+    lanes_log2 = log2(blob / 4), the 32-bit lanes per weight block (blob >= 16, a
+    power of 2). Per 64-byte step only the codes, P x8 vectors and a few scales are
+    loaded: the activation side stays small enough for L1 at K = 11008.
     """
 
     @intrinsic
-    def qdot(typingctx, packed, n, x8, m, scales, sx, corr, lanes_log2):
+    def qdot(typingctx, packed, n, x8, m, scales, sx, xcorr, lanes_log2):
         if not isinstance(x8, types.UniTuple) or 8 % x8.count or x8.count > 4:
             return None
         P = x8.count
         bits = 8 // P
-        sig = types.UniTuple(types.float32, Mt)(packed, n, x8, m, scales, sx, corr, lanes_log2)
+        sig = types.UniTuple(types.float32, Mt)(packed, n, x8, m, scales, sx, xcorr, lanes_log2)
 
         def codegen(context, builder, signature, args):
-            pk, n, x8_, m, sc, sx_, corr_, llog = args
+            pk, n, x8_, m, sc, sx_, xc_, llog = args
             pka = context.make_array(signature.args[0])(context, builder, pk)
             sca = context.make_array(signature.args[4])(context, builder, sc)
             sxa = context.make_array(signature.args[5])(context, builder, sx_)
-            cra = context.make_array(signature.args[6])(context, builder, corr_)
+            xca = context.make_array(signature.args[6])(context, builder, xc_)
             xarr = [context.make_array(signature.args[2].dtype)(context, builder, a)
                     for a in cgutils.unpack_tuple(builder, x8_, P)]
             _, nb, blob = cgutils.unpack_tuple(builder, pka.shape)
             rowbytes = builder.mul(nb, blob)
-            nlanes = builder.udiv(rowbytes, _i64(4))
             prow = builder.gep(pka.data, [builder.mul(n, rowbytes)])
             srow = builder.gep(sca.data, [builder.mul(n, nb)])
             xrows = [builder.add(m, _i64(i)) for i in range(Mt)]
-            xrow = [[builder.gep(a.data, [builder.mul(v, rowbytes)]) for a in xarr] for v in xrows]
-            sxrow = [builder.gep(sxa.data, [builder.mul(v, nlanes)]) for v in xrows]
-            crrow = [builder.gep(cra.data, [builder.mul(v, nlanes)]) for v in xrows]
+            xrow = [[_row(builder, a, v) for a in xarr] for v in xrows]
+            sxrow = [builder.gep(sxa.data, [builder.mul(v, nb)]) for v in xrows]
             dp = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_VI32, [_VI32, _VI32, _VI32]),
                 "llvm.x86.avx512.vpdpbusd.512")
             zero = ir.Constant(_VF, [0.0] * W)
+            izero = ir.Constant(_VI32, [0] * W)
             acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(Mt)] for _ in range(U)]
             fmask = ir.Constant(_VI8x64, [(1 << bits) - 1] * VW)
             nsteps = builder.udiv(rowbytes, _i64(VW))
 
-            def weight_scales(c, lanes_per_block):
-                """The weight scale of each 32-bit lane of step c, as a 16-lane vector."""
+            def lane_scales(c, i, lanes_per_block):
+                """s_w * s_x of each 32-bit lane of step c, as a 16-lane vector."""
                 if lanes_per_block >= W:     # one block covers the whole step (or more)
                     b = builder.lshr(builder.mul(c, _i64(W)), llog)
-                    return _splat(builder, builder.load(builder.gep(srow, [b])), _VF)
+                    s = builder.fmul(builder.load(builder.gep(srow, [b])),
+                                     builder.load(builder.gep(sxrow[i], [b])), flags=_FM)
+                    return _splat(builder, s, _VF)
                 k = W // lanes_per_block
                 vt = ir.VectorType(_F32, k)
-                few = _load_vec(builder, srow, builder.mul(c, _i64(k)), vt, 4)
+                b = builder.mul(c, _i64(k))
+                few = builder.fmul(_load_vec(builder, srow, b, vt, 4),
+                                   _load_vec(builder, sxrow[i], b, vt, 4), flags=_FM)
                 return builder.shuffle_vector(few, ir.Constant(vt, ir.Undefined), ir.Constant(
                     _VI32, [lane // lanes_per_block for lane in range(W)]))
 
@@ -379,16 +425,14 @@ def _make_qdot_i8(Mt, U):
                     if t < P - 1:
                         f = builder.and_(f, fmask)
                     fields.append(builder.bitcast(f, _VI32))
-                sw = weight_scales(c, lanes_per_block)
-                lane0 = builder.mul(c, _i64(W))
                 for i in range(Mt):
-                    isum = _load_vec(builder, crrow[i], lane0, _VI32, 4)
+                    isum = izero
                     for t in range(P):
                         xv = builder.bitcast(_load_vec(builder, xrow[i][t], g, _VI8x64, 1), _VI32)
                         isum = builder.call(dp, [isum, fields[t], xv])
-                    s = builder.fmul(sw, _load_vec(builder, sxrow[i], lane0, _VF, 4), flags=_FM)
                     a = acc[u][i]
-                    builder.store(_fma(builder, builder.sitofp(isum, _VF), s, builder.load(a)), a)
+                    builder.store(_fma(builder, builder.sitofp(isum, _VF),
+                                       lane_scales(c, i, lanes_per_block), builder.load(a)), a)
 
             def loop(lanes_per_block):
                 nmain = builder.udiv(nsteps, _i64(U))
@@ -410,13 +454,15 @@ def _make_qdot_i8(Mt, U):
                         with then8:
                             loop(8)
                         with rest:
-                            loop(W)   # lanes_per_block >= 16: broadcast (see weight_scales)
+                            loop(W)   # lanes_per_block >= 16: broadcast (see lane_scales)
+            crows = [builder.gep(xca.data, [builder.mul(v, nb)]) for v in xrows]
+            corr = _block_correction(builder, [srow], crows, _i64(0), nb)[0]
             outs = []
             for i in range(Mt):
                 tot = builder.load(acc[0][i])
                 for u in range(1, U):
                     tot = builder.fadd(tot, builder.load(acc[u][i]), flags=_FM)
-                outs.append(_hsum(builder, tot))
+                outs.append(builder.fadd(_hsum(builder, tot), corr[i], flags=_FM))
             return context.make_tuple(builder, signature.return_type, outs)
 
         return sig, codegen

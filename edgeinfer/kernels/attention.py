@@ -1,6 +1,7 @@
 """Rotary position embedding and causal grouped-query attention over a KV cache."""
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -47,42 +48,53 @@ def apply_rotary(x, cos, sin, rotary_dim):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _attention(q, k_cache, v_cache, past_len, scale, out):
+def _attention(q, k_cache, v_cache, past_len, scale, heads_per_item, out):
     S, H, D = q.shape
-    rep = H // k_cache.shape[0]
+    KVH = k_cache.shape[0]
+    rep = H // KVH
     nblk = (S + _QUERY_BLOCK - 1) // _QUERY_BLOCK
-    # Head-major items: with causal masking later query blocks cost more, and this
-    # order gives every thread whole heads, i.e. the same mix of cheap and dear blocks.
-    for item in prange(H * nblk):
-        h = item // nblk
+    nhc = (rep + heads_per_item - 1) // heads_per_item
+    # An item: up to heads_per_item query heads of one kv group, one block of queries.
+    # The heads share each key and value row while it is in L1 (GQA reads the cache
+    # once per group, not once per head). Head-major order: with causal masking later
+    # query blocks cost more, and this gives every thread the same mix.
+    for item in prange(KVH * nhc * nblk):
+        g = item // (nhc * nblk)
+        h0 = g * rep + ((item // nblk) % nhc) * heads_per_item
+        h1 = min(g * rep + rep, h0 + heads_per_item)
         s0 = (item % nblk) * _QUERY_BLOCK
         s1 = min(S, s0 + _QUERY_BLOCK)
-        g = h // rep
-        p = np.empty(past_len + s1, dtype=np.float32)
-        acc = np.empty(D, dtype=np.float32)
+        p = np.empty((h1 - h0, past_len + s1), dtype=np.float32)
+        acc = np.empty((h1 - h0, D), dtype=np.float32)
         for s in range(s0, s1):
             T = past_len + s + 1
-            top = -np.inf
             for t in range(T):
-                d = np.float32(0.0)
+                for h in range(h0, h1):
+                    d = np.float32(0.0)
+                    for i in range(D):
+                        d += q[s, h, i] * k_cache[g, t, i]
+                    p[h - h0, t] = d * scale
+            for j in range(h1 - h0):
+                top = p[j, 0]
+                for t in range(1, T):
+                    top = max(top, p[j, t])
+                total = np.float32(0.0)
+                for t in range(T):
+                    e = np.exp(p[j, t] - top)
+                    p[j, t] = e
+                    total += e
+                acc[j, :] = 0.0
+                inv = np.float32(1.0) / total
+                for t in range(T):
+                    p[j, t] *= inv
+            for t in range(T):
+                for j in range(h1 - h0):
+                    w = p[j, t]
+                    for i in range(D):
+                        acc[j, i] += w * v_cache[g, t, i]
+            for j in range(h1 - h0):
                 for i in range(D):
-                    d += q[s, h, i] * k_cache[g, t, i]
-                d *= scale
-                p[t] = d
-                top = max(top, d)
-            total = np.float32(0.0)
-            for t in range(T):
-                e = np.exp(p[t] - top)
-                p[t] = e
-                total += e
-            acc[:] = 0.0
-            for t in range(T):
-                w = p[t]
-                for i in range(D):
-                    acc[i] += w * v_cache[g, t, i]
-            inv = np.float32(1.0) / total
-            for i in range(D):
-                out[s, h, i] = acc[i] * inv
+                    out[s, h0 + j, i] = acc[j, i]
 
 
 def attention(q, k_cache, v_cache, past_len, scale):
@@ -107,6 +119,11 @@ def attention(q, k_cache, v_cache, past_len, scale):
         raise ValueError(f"past_len {past_len} + {S} new tokens exceed the cache length {T_max}")
     out = np.empty((S, H, D), dtype=np.float32)
     if S:
+        # Whole kv groups per item unless that leaves threads idle (e.g. decode with
+        # one or two kv heads): then split the group's heads over more items.
+        rep = H // KVH
+        items = KVH * -(-S // _QUERY_BLOCK)
+        per = max(1, min(rep, rep * items // (2 * numba.get_num_threads())))
         _attention(np.ascontiguousarray(q), np.ascontiguousarray(k_cache),
-                   np.ascontiguousarray(v_cache), past_len, np.float32(scale), out)
+                   np.ascontiguousarray(v_cache), past_len, np.float32(scale), per, out)
     return out

@@ -9,9 +9,9 @@ Two paths, by the number of activation rows M, both fusing the unpack into the
 product (explicit SIMD, edgeinfer/kernels/_simd.py), so every weight byte is decoded
 in registers and never written out as float32:
 - M == 1 (decode, GEMV): memory bound; each weight byte is read once.
-- M > 1 (prefill, small batches): each decoded weight vector is used by 8 activation
-  rows; activations go in blocks of _M_BLOCK rows that stay in L2 while the weights
-  stream, i.e. M / _M_BLOCK passes over the weights.
+- M > 1 (prefill, small batches): 2 weight rows x 8 activation rows per step, each
+  decoded weight vector used 8 times; activations go in blocks of rows that stay in L2
+  while the weights stream past (_m_block), i.e. M / block passes over the weights.
 No BLAS: with Numba's OpenMP threads just released, an OpenBLAS call on the same cores
 was measured 100x slower than alone (the two pools fight), and a fused kernel needs
 no dequantized copy of the weights.
@@ -25,23 +25,37 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._simd import (HAS_VNNI, VW, W, hdot_1, hdot_4, hdot_8, qdot_1x1, qdot_4x1, qdot_i8_1,
-                    qdot_i8_4, qgemm_4, qgemm_8)
+from ._simd import (HAS_VNNI, VW, W, hdot_1x1, hdot_2x4, hdot_2x8, qdot_1x1, qdot_4x1,
+                    qdot_i8_1, qdot_i8_4, qgemm_2x4, qgemm_2x8)
 
 SUPPORTED_BITS = (2, 4, 8)
 # Above this many bytes of activations per row, x stops fitting in L1 next to the
 # weights, and the GEMV shares each load of x between 4 weight rows.
 _LONG_ROW_BYTES = 24 * 1024
-# Activation rows per pass over the weights when M > 1 (32 rows of K = 4096 float32:
-# 512 KiB, within a 1 MiB L2).
-_M_BLOCK = 32
+# M > 1: activations are processed in blocks of rows that stay in L2 while the weights
+# stream past (so the weights are read ceil(M / block) times).
+_L2_BYTES = 512 * 1024
+# Activation rows are padded by this many bytes: rows a multiple of 4 KiB apart map to
+# the same L1 sets, and 16 such streams (8 rows x 2 phases) thrash L1 (measured 3x).
+_ROW_PAD = 64
+
+
+def _m_block(K):
+    return max(8, min(256, _L2_BYTES // (4 * K)) // 8 * 8)
+
+
+def _padded(shape, dtype):
+    """An uninitialised array of `shape` whose rows are _ROW_PAD bytes further apart."""
+    pad = _ROW_PAD // np.dtype(dtype).itemsize
+    return np.empty(shape[:-1] + (shape[-1] + pad,), dtype=dtype)[..., : shape[-1]]
 
 
 # ----------------------------------------------------------------------------- kernels
 
 @njit(parallel=True, cache=True)
-def _matmul_fused(xs, xsum, packed, scales, sh, long_rows, out):
-    """out[m, n] = sum_k x[m, k] * deq(W)[n, k]; xs = x split into P phase arrays."""
+def _matmul_fused(xs, xcorr, packed, scales, sh, long_rows, m_block, out):
+    """out[m, n] = sum_k x[m, k] * deq(W)[n, k]; xs = x split into P phase arrays,
+    xcorr the zero point's share per block (see _split_activations)."""
     M, N = out.shape
     steps = packed.shape[1] * packed.shape[2] // W
     if M == 1:
@@ -49,37 +63,45 @@ def _matmul_fused(xs, xsum, packed, scales, sh, long_rows, out):
         if long_rows:
             for t in prange(N // 4):
                 n = 4 * t
-                o = qdot_4x1(packed, n, xs, 0, scales, xsum, 0, steps, sh)
+                o = qdot_4x1(packed, n, xs, 0, scales, xcorr, 0, steps, sh)
                 out[0, n] = o[0]
                 out[0, n + 1] = o[1]
                 out[0, n + 2] = o[2]
                 out[0, n + 3] = o[3]
             start = N - N % 4
         for n in prange(start, N):
-            out[0, n] = qdot_1x1(packed, n, xs, 0, scales, xsum, 0, steps, sh)[0]
+            out[0, n] = qdot_1x1(packed, n, xs, 0, scales, xcorr, 0, steps, sh)[0]
     else:
-        for m0 in range(0, M, _M_BLOCK):
-            m1 = min(M, m0 + _M_BLOCK)
-            for n in prange(N):
+        for m0 in range(0, M, m_block):
+            m1 = min(M, m0 + m_block)
+            for t in prange(N // 2):
+                n = 2 * t
                 m = m0
                 while m + 8 <= m1:
-                    o = qgemm_8(packed, n, xs, m, scales, 0, steps, sh)
+                    o = qgemm_2x8(packed, n, xs, m, scales, 0, steps, sh)
                     for i in range(8):
                         out[m + i, n] = o[i]
+                        out[m + i, n + 1] = o[8 + i]
                     m += 8
                 if m + 4 <= m1:
-                    o = qgemm_4(packed, n, xs, m, scales, 0, steps, sh)
+                    o = qgemm_2x4(packed, n, xs, m, scales, 0, steps, sh)
                     for i in range(4):
                         out[m + i, n] = o[i]
+                        out[m + i, n + 1] = o[4 + i]
                     m += 4
                 while m < m1:
-                    out[m, n] = qdot_1x1(packed, n, xs, m, scales, xsum, 0, steps, sh)[0]
+                    out[m, n] = qdot_1x1(packed, n, xs, m, scales, xcorr, 0, steps, sh)[0]
+                    out[m, n + 1] = qdot_1x1(packed, n + 1, xs, m, scales, xcorr, 0, steps, sh)[0]
                     m += 1
+            if N % 2:
+                for m in prange(m0, m1):
+                    out[m, N - 1] = qdot_1x1(packed, N - 1, xs, m, scales, xcorr, 0, steps, sh)[0]
 
 
 @njit(cache=True)
-def _split_activations(x, block_size, phases, xsum):
-    """phases[t] = x[:, t::P] (the x_t of _simd), xsum[m, b] = sum of block b of row m."""
+def _split_activations(x, block_size, zero_point, phases, xcorr):
+    """phases[t] = x[:, t::P] (the x_t of _simd); xcorr[m, b] = -zero_point * (sum of
+    block b of row m), which the kernels scale by s[n, b] to undo the zero point."""
     M, K = x.shape
     P = phases.shape[0]
     for m in range(M):
@@ -90,32 +112,30 @@ def _split_activations(x, block_size, phases, xsum):
             total = np.float32(0.0)
             for k in range(b * block_size, (b + 1) * block_size):
                 total += x[m, k]
-            xsum[m, b] = total
+            xcorr[m, b] = -zero_point * total
 
 
 @njit(parallel=True, cache=True)
-def _matmul_int8act(x8, sx, corr, packed, scales, lanes_log2, out):
+def _matmul_int8act(x8, sx, xcorr, packed, scales, lanes_log2, m_block, out):
     """As _matmul_fused, with activations quantized to int8 (see _simd.qdot_i8)."""
     M, N = out.shape
-    for m0 in range(0, M, 4 * _M_BLOCK):        # int8 rows: 4x as many fit in L2
-        m1 = min(M, m0 + 4 * _M_BLOCK)
+    for m0 in range(0, M, m_block):
+        m1 = min(M, m0 + m_block)
         m4 = m1 - (m1 - m0) % 4
         for n in prange(N):
             for m in range(m0, m4, 4):
-                o = qdot_i8_4(packed, n, x8, m, scales, sx, corr, lanes_log2)
+                o = qdot_i8_4(packed, n, x8, m, scales, sx, xcorr, lanes_log2)
                 for i in range(4):
                     out[m + i, n] = o[i]
             for m in range(m4, m1):
-                out[m, n] = qdot_i8_1(packed, n, x8, m, scales, sx, corr, lanes_log2)[0]
+                out[m, n] = qdot_i8_1(packed, n, x8, m, scales, sx, xcorr, lanes_log2)[0]
 
 
 @njit(cache=True)
-def _quantize_activations(x, bits, block_size, x8, sx, corr):
+def _quantize_activations(x, bits, block_size, x8, sx, xcorr):
     M, K = x.shape
     P = 8 // bits
-    zp = 1 << (bits - 1)
-    lane_elems = 4 * P                 # a 32-bit lane: 4 packed bytes = 4 * P values
-    lanes_per_block = block_size // lane_elems
+    zp = np.float32(1 << (bits - 1))
     magic = np.float32(12582912.0)     # 1.5 * 2**23: (y + magic) - magic == rint(y)
     q = np.empty(K, dtype=np.int32)
     for m in range(M):
@@ -129,19 +149,17 @@ def _quantize_activations(x, bits, block_size, x8, sx, corr):
                     amax = a
             s = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
             inv = np.float32(1.0) / s
+            total = np.int32(0)
             for k in range(k0, k0 + block_size):
-                q[k] = np.int32((xm[k] * inv + magic) - magic)
-            for lane in range(b * lanes_per_block, (b + 1) * lanes_per_block):
-                sx[m, lane] = s
+                v = np.int32((xm[k] * inv + magic) - magic)
+                q[k] = v
+                total += v
+            sx[m, b] = s
+            xcorr[m, b] = -zp * s * np.float32(total)
         for t in range(P):
             x8t = x8[t, m]
             for j in range(K // P):
                 x8t[j] = q[j * P + t]
-        for lane in range(K // lane_elems):
-            total = np.int32(0)
-            for k in range(lane * lane_elems, (lane + 1) * lane_elems):
-                total += q[k]
-            corr[m, lane] = -zp * total
 
 
 @njit(cache=True)
@@ -151,8 +169,8 @@ def _code(byte, bits, t):
 
 @njit(parallel=True, cache=True)
 def _matmul_generic(x, packed, scales, bits, out):
-    """Plain-loop fallback for layouts the fused kernel does not cover (a block of
-    fewer than 16 bytes, e.g. 2-bit block 32); same result, slower."""
+    """Plain-loop fallback for layouts the fused kernel does not cover (blocks of 4
+    bytes: 2-bit block 16; or 8-byte blocks in odd number); same result, slower."""
     M, N = out.shape
     _, nb, blob = packed.shape
     per = 8 // bits
@@ -196,29 +214,36 @@ def _dequant_rows(packed, scales, bits, rows, out):
 
 
 @njit(parallel=True, cache=True)
-def _matmul_h(x, w16bits, out):
+def _matmul_h(x, w16bits, m_block, out):
     M, N = out.shape
     if M == 1:
         for n in prange(N):
-            out[0, n] = hdot_1(w16bits, n, x, 0)[0]
+            out[0, n] = hdot_1x1(w16bits, n, x, 0)[0]
     else:
-        for m0 in range(0, M, _M_BLOCK):
-            m1 = min(M, m0 + _M_BLOCK)
-            for n in prange(N):
+        for m0 in range(0, M, m_block):
+            m1 = min(M, m0 + m_block)
+            for t in prange(N // 2):
+                n = 2 * t
                 m = m0
                 while m + 8 <= m1:
-                    o = hdot_8(w16bits, n, x, m)
+                    o = hdot_2x8(w16bits, n, x, m)
                     for i in range(8):
                         out[m + i, n] = o[i]
+                        out[m + i, n + 1] = o[8 + i]
                     m += 8
                 if m + 4 <= m1:
-                    o = hdot_4(w16bits, n, x, m)
+                    o = hdot_2x4(w16bits, n, x, m)
                     for i in range(4):
                         out[m + i, n] = o[i]
+                        out[m + i, n + 1] = o[4 + i]
                     m += 4
                 while m < m1:
-                    out[m, n] = hdot_1(w16bits, n, x, m)[0]
+                    out[m, n] = hdot_1x1(w16bits, n, x, m)[0]
+                    out[m, n + 1] = hdot_1x1(w16bits, n + 1, x, m)[0]
                     m += 1
+            if N % 2:
+                for m in prange(m0, m1):
+                    out[m, N - 1] = hdot_1x1(w16bits, N - 1, x, m)[0]
 
 
 # ---------------------------------------------------------------------------- wrappers
@@ -264,9 +289,12 @@ def check_quantized(packed, scales, bits, block_size):
     return n, nb * block_size
 
 
-def _fused_ok(blob):
+def _fused_layout(blob, nb):
+    """How the fused kernel walks blocks of `blob` bytes: (ok, two_blocks, sh)."""
+    if blob * 2 == W:            # two 8-byte blocks per 16-byte step
+        return nb % 2 == 0, True, 0
     steps = blob // W
-    return blob % W == 0 and steps & (steps - 1) == 0
+    return blob % W == 0 and steps & (steps - 1) == 0, False, steps.bit_length() - 1
 
 
 def int8_activations_supported(bits, block_size, K):
@@ -297,32 +325,35 @@ def matmul_nbits(x, packed, scales, bits, block_size, out=None, int8_activations
         return result
     blob = packed.shape[2]
     if int8_activations and int8_activations_supported(bits, block_size, K):
-        x8, sx, corr = quantize_activations(x, bits, block_size)
-        _matmul_int8act(x8, sx, corr, packed, scales, (blob // 4).bit_length() - 1, y)
-    elif not _fused_ok(blob):
+        x8, sx, xcorr = quantize_activations(x, bits, block_size)
+        # int8 rows are a quarter the size: four times as many fit in L2.
+        _matmul_int8act(x8, sx, xcorr, packed, scales, (blob // 4).bit_length() - 1,
+                        4 * _m_block(K), y)
+    elif not _fused_layout(blob, packed.shape[1])[0]:
         _matmul_generic(x, packed, scales, bits, y)
     else:
+        _, two_blocks, sh = _fused_layout(blob, packed.shape[1])
         P = 8 // bits
-        phases = np.empty((P, M, K // P), dtype=np.float32)
-        xsum = np.empty((M, K // block_size), dtype=np.float32)
-        _split_activations(x, block_size, phases, xsum)
+        phases = _padded((P, M, K // P), np.float32)
+        xcorr = np.empty((M, K // block_size), dtype=np.float32)
+        _split_activations(x, block_size, np.float32(1 << (bits - 1)), phases, xcorr)
         xs = tuple(phases[t] for t in range(P))
-        sh = (blob // W).bit_length() - 1
-        _matmul_fused(xs, xsum, packed, scales, sh, K * 4 > _LONG_ROW_BYTES, y)
+        if two_blocks:           # the scales' shape tells the intrinsics (see _simd)
+            scales = scales.reshape(N, -1, 2)
+        _matmul_fused(xs, xcorr, packed, scales, sh, K * 4 > _LONG_ROW_BYTES, _m_block(K), y)
     return result
 
 
 def quantize_activations(x, bits, block_size):
-    """x float32 [M, K] -> (x8 phases, lane scales, lane zero-point corrections) for
+    """x float32 [M, K] -> (x8 phases, block scales sx, zero-point terms xcorr) for
     _simd.qdot_i8: per weight block, x8 = rint(x / s), s = max|x| / 127."""
     M, K = x.shape
     P = 8 // bits
-    lanes = K // (4 * P)
-    x8 = np.empty((P, M, K // P), dtype=np.int8)
-    sx = np.empty((M, lanes), dtype=np.float32)
-    corr = np.empty((M, lanes), dtype=np.int32)
-    _quantize_activations(x, bits, block_size, x8, sx, corr)
-    return tuple(x8[t] for t in range(P)), sx, corr
+    x8 = _padded((P, M, K // P), np.int8)
+    sx = np.empty((M, K // block_size), dtype=np.float32)
+    xcorr = np.empty((M, K // block_size), dtype=np.float32)
+    _quantize_activations(x, bits, block_size, x8, sx, xcorr)
+    return tuple(x8[t] for t in range(P)), sx, xcorr
 
 
 def matmul_f16(x, w16, out=None):
@@ -335,7 +366,9 @@ def matmul_f16(x, w16, out=None):
     x = _activations(x, K)
     y, result = _output(out, lead, N)
     if x.shape[0] and N:
-        _matmul_h(x, w16.view(np.uint16), y)
+        xp = _padded(x.shape, np.float32)
+        xp[...] = x
+        _matmul_h(xp, w16.view(np.uint16), _m_block(K), y)
     return result
 
 

@@ -1,4 +1,5 @@
-"""The expert cache of one MoE layer, and where an expert is evicted (HOBBIT §4.3).
+"""The expert cache of one MoE layer, and where an expert is evicted (HOBBIT, 2024:
+"sequence-level multidimensional expert caching").
 
 Slots. The cache owns one preallocated, 4 KiB-aligned buffer of `blocks`, each big
 enough for one expert at high precision. A block holds either one high-precision copy or
@@ -32,7 +33,7 @@ import numpy as np
 
 from ..errors import BudgetError
 from ..storage import aligned_empty
-from .layout import HIGH, LOW, ExpertLayout
+from .layout import HIGH, ExpertLayout
 
 
 def block_geometry(layout: ExpertLayout) -> tuple[int, int, int]:
@@ -211,6 +212,9 @@ class ExpertCache:
         """
         with self.lock:
             pages = self.pages if precision == HIGH else 1
+            old = self.entries.get(expert)
+            if old is not None and old is not keep:      # one entry per expert: the new copy replaces it
+                self.drop(old)
             if keep is not None:
                 self.pin(keep)
             try:

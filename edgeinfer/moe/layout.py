@@ -17,7 +17,7 @@ is the sum of all stages. So nothing is stored twice, a low-precision miss reads
 prefix, and upgrading a cached low copy to high reads only the rest. Stages by export:
 
     --quant int8 --expert-low int4  ->  stages (4, 4)      low = first 1/2 of the record
-    --quant int8 --expert-low int2  ->  stages (2, 2, 4)   low = first 1/4
+    --quant int8 --expert-low int2  ->  stages (2, 2, 4)   low = first ~1/4
     --quant int4 --expert-low int2  ->  stages (2, 2)      low = first 1/2
     --quant int8 | int4 (no low)    ->  stages (8,) | (4,)
     --quant f16  [--expert-low b]   ->  stages (16,) [+ a separate b-bit record in experts_low]
@@ -30,17 +30,19 @@ b = stage bits), every piece starting on a 64-byte boundary, the part padded to 
     codes(m):  uint8 [n, k/g, g*b/8] and scales(m): float32 [n, k/g] -- exactly the
                MatMulNBits layout of export/quantize.py (code = round(w/s) + 2**(b-1); for
                4 bits value 2j in the low nibble), so the runtime hands views of a cached
-               record straight to kernels.matmul_nbits.
+               record straight to kernels.matmul_nbits. (float32 scales cost 1 bit per
+               weight at g = 32, float16 would cost half that, but the shared kernels take
+               float32 and a per-token conversion would cost more than the bytes saved.)
     b = 16:    [gate | up | down] as float16 values, no scales.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 ALIGN = 4096
-MATRICES = ("gate", "up", "down")
 STAGES = {  # (high quant, low) -> stages of the nested record
     ("int8", None): (8,), ("int4", None): (4,), ("f16", None): (16,),
     ("int8", "int4"): (4, 4), ("int8", "int2"): (2, 2, 4), ("int4", "int2"): (2, 2),
@@ -93,7 +95,8 @@ class RecordFormat:
     def record_bytes(self) -> int:
         return self.prefix_bytes(len(self.stages))
 
-    def parts(self, levels: int | None = None) -> list[tuple[int, int, int, int, int, int]]:
+    @functools.lru_cache(maxsize=256)
+    def parts(self, levels: int | None = None) -> tuple[tuple[int, int, int, int, int, int], ...]:
         """(bits, matrix index, codes offset, scales offset, rows n, cols k) of each stage's matrices."""
         out = []
         stages = self.stages if levels is None else self.stages[:levels]
@@ -102,7 +105,7 @@ class RecordFormat:
             for m, ((n, k), (c, sc)) in enumerate(zip(self.shapes(), self._pieces(b))):
                 out.append((b, m, at, at + _pad64(c), n, k))
                 at += _pad64(c) + _pad64(sc)
-        return out
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ def encode(fmt: RecordFormat, matrices, quantize, dequantize) -> tuple[np.ndarra
     levels = []
     parts = fmt.parts()
     for s, b in enumerate(fmt.stages):
-        for b_, m, co, so, n, k in parts[3 * s:3 * s + 3]:
+        for _, m, co, so, n, k in parts[3 * s:3 * s + 3]:
             residual = mats[m] - recon[m]
             if b == 16:
                 h = residual.astype(np.float16)

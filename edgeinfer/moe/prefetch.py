@@ -1,5 +1,6 @@
-"""Layer-level prefetch (HOBBIT §4.2): while layer L computes, layer L+1's router applied
-to L's hidden state guesses L+1's experts, and their reads run on this background thread.
+"""Layer-level prefetch (after HOBBIT's layer-level expert prefetching): while layer L
+computes, layer L+1's router applied to L's hidden state guesses L+1's experts, and their
+reads run on this background thread.
 The residual stream changes little from one layer to the next, so the guess is usually
 right; a wrong guess costs a read, never a wrong result (layer L+1 routes for itself).
 

@@ -2,7 +2,7 @@
 through each layer's expert cache under the memory budget.
 
 Per layer call: route; wait for this layer's prefetch; pin the cached experts, read
-the missing ones in one batch (HOBBIT §4.1 token-level dynamic loading: a miss whose gate
+the missing ones in one batch (HOBBIT's token-level dynamic expert loading: a miss whose gate
 weight is below `expert_low_threshold` reads the low-precision copy; a cached high copy
 is always used); start the next layer's prefetch (prefetch.py); run the experts.
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
+import zlib
 from collections import Counter
 
 import numpy as np
 
-from ..errors import BudgetError, StorageError
+from ..errors import BudgetError, ChecksumError
 from .expert_cache import ExpertCache, block_geometry
 from .kernels import expert_ffn
 from .layout import HIGH, LOW, ExpertLayout
@@ -42,7 +42,7 @@ def make(node, const, ctx):
     return StreamedMoE(node, const, ctx)
 
 
-_RUNTIMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_KEY = ("moe-runtime",)     # where a model's MoERuntime lives in its StreamContext.files
 
 
 class MoERuntime:
@@ -56,15 +56,15 @@ class MoERuntime:
         self._lock = threading.Lock()
 
     @classmethod
-    def of(cls, stats) -> "MoERuntime":
-        rt = _RUNTIMES.get(stats)
-        if rt is None:
-            rt = _RUNTIMES[stats] = cls()
-        return rt
+    def of(cls, ctx) -> "MoERuntime":
+        return ctx.files.setdefault(_KEY, cls())
 
     def add(self, layer: "StreamedMoE") -> None:
         self.layers[layer.layer] = layer
         self._order = sorted(self.layers)
+
+    def is_first(self, layer: int) -> bool:
+        return layer == self._order[0]
 
     def next_layer(self, layer: int) -> "StreamedMoE | None":
         later = [i for i in self._order if i > layer]
@@ -80,7 +80,8 @@ class MoERuntime:
 
 def runtime_of(model) -> MoERuntime | None:
     """The MoE runtime of a loaded model (None when no MoE layer streams)."""
-    return _RUNTIMES.get(getattr(model, "stats", model))
+    ctx = getattr(model.plan, "context", None)
+    return ctx.files.get(_KEY) if ctx is not None else None
 
 
 class StreamedMoE:
@@ -95,6 +96,17 @@ class StreamedMoE:
         if layout.low_bits and not layout.low_nested:
             self.low_at = ctx.manifest.tensors[node.inputs[3]].offset
         opts = ctx.options
+        # tensor -> (crc32 [E, stages] of its records, which of them a read has matched).
+        # A stage is checked the first time it is read: corruption on flash persists, so a
+        # record that matched once is trusted (checking every re-read would cost a crc32
+        # pass, ~1 GB/s here, over every streamed byte).
+        self.crcs = {}
+        if opts.verify_reads:
+            for name in streamed_inputs(node):
+                if f"{name}.crc32" in ctx.manifest.tensors:
+                    crc = const(f"{name}.crc32")
+                    self.crcs[name] = (crc, np.zeros(crc.shape, bool))
+        self.tensor_names = {HIGH: node.inputs[2], LOW: node.inputs[3] if self.low_at is not None else node.inputs[2]}
         self.naive = ctx.mode == "naive"
         top_k = self.moe.top_k
         capacity = minimum_bytes(node, None, opts, ctx.mode) if self.naive else ctx.share
@@ -102,9 +114,10 @@ class StreamedMoE:
         self.threshold = 0.0 if self.naive or not layout.low_bits else float(opts.expert_low_threshold)
         self.prefetch = bool(opts.prefetch) and not self.naive
         self.stats = ctx.stats
-        self.runtime = MoERuntime.of(ctx.stats)
+        self.runtime = MoERuntime.of(ctx)
         self.runtime.add(self)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()             # this layer's cache: its call vs the prefetch thread
+        self.shared_lock = ctx.lock              # streamed layers run one at a time (plan.StreamContext)
 
     # -- where an expert's bytes are --------------------------------------------------------
     def _range(self, expert: int, precision: str) -> tuple[int, int]:
@@ -144,6 +157,7 @@ class StreamedMoE:
                 if L.low_nested:                 # the record's prefix is the low copy: copy, read the rest
                     cache.buffer[at:at + L.low_bytes] = cache.view(have)
                     off, n, at = off + L.low_bytes, n - L.low_bytes, at + L.low_bytes
+                    new.prefetched = have.prefetched     # a prefetched prefix still saved its read
                 cache.drop(have)
             requests.append((off, n))
             dests.append(at)
@@ -152,7 +166,9 @@ class StreamedMoE:
         try:
             if requests:
                 self.file.read_batch(requests, out=cache.buffer, dest=dests)
-        except (StorageError, OSError, ValueError):
+                for ent, (off, n) in zip(fresh, requests):
+                    self._verify(ent, off, n)
+        except BaseException:                    # StorageError, ChecksumError, Ctrl-C: keep the cache truthful
             for ent in fresh:
                 cache.drop(ent)
             for ent in entries:
@@ -161,6 +177,28 @@ class StreamedMoE:
         for ent in fresh:
             cache.commit(ent)
         return entries, fresh
+
+    def _verify(self, entry, off: int, n: int) -> None:
+        """Check the stages a read covered against their crc32 (edgeinfer/moe/layout.py stages)."""
+        name = self.tensor_names[entry.precision]
+        if name not in self.crcs:
+            return
+        crcs, checked = self.crcs[name]
+        L = self.layout
+        fmt = L.high if name == self.tensor_names[HIGH] else L.low
+        base = self.high_at if name == self.tensor_names[HIGH] else self.low_at
+        row = fmt.record_bytes
+        start = off - base - entry.expert * row            # where in the record the read began
+        at = self.cache.offset(entry)
+        bounds = fmt.stage_offsets() + [fmt.record_bytes]
+        for s, (a, z) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if a < start or z > start + n or checked[entry.expert, s]:
+                continue
+            if zlib.crc32(self.cache.buffer[at + a:at + z]) != crcs[entry.expert, s]:
+                raise ChecksumError(f"{self.file.path}: checksum mismatch in expert {entry.expert} of {name} (stage "
+                                    f"{s}, offset {base + entry.expert * row + a}): the file is corrupted; "
+                                    "re-export the model")
+            checked[entry.expert, s] = True
 
     def _prefetch_into(self, wants) -> None:
         """Runs on the prefetch thread: read this layer's guessed experts into its cache."""
@@ -186,13 +224,14 @@ class StreamedMoE:
     def __call__(self, state, x, *_):
         x = np.ascontiguousarray(x, dtype=np.float32)
         rt = self.runtime
-        waited = rt.prefetcher.wait(self.layer)
-        idx, w = self.moe.route(x)
-        groups = tokens_by_expert(idx, w)
-        with self.lock:
-            y = self._run(x, groups)
+        with self.shared_lock:
+            waited = rt.prefetcher.wait(self.layer)
+            idx, w = self.moe.route(x)
+            groups = tokens_by_expert(idx, w)
+            with self.lock:
+                y = self._run(x, groups)
         self.stats.add(io_wait_seconds=waited)
-        if self.layer == rt._order[0]:
+        if rt.is_first(self.layer):
             self.stats.add(tokens=x.shape[0])
         return self.moe.finish(x, y)
 

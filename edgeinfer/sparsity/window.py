@@ -58,7 +58,12 @@ class NeuronWindow:
         protected[ks[ks >= 0]] = True
         cand = occupied[~protected]
         need = min(n - free, cand.size)
-        victims = cand[np.argsort(self.last_used[cand], kind="stable")[:need]]
+        if need <= 0:
+            return 0
+        if need < cand.size:
+            victims = cand[np.argpartition(self.last_used[cand], need - 1)[:need]]
+        else:
+            victims = cand
         return self._delete_slots(victims)
 
     def reserve(self, neurons: np.ndarray) -> np.ndarray:
@@ -83,17 +88,25 @@ class NeuronWindow:
         self.count -= neurons.size
 
     def _delete_slots(self, slots: np.ndarray) -> int:
-        # Delete from the highest slot down so each move takes the current last record.
-        for s in np.sort(slots)[::-1]:
-            last = self.count - 1
-            gone = self.neuron_at[s]
-            self.slot_of[gone] = -1
-            if s != last:
-                moved = self.neuron_at[last]
-                self.buf[s] = self.buf[last]
-                self.neuron_at[s] = moved
-                self.slot_of[moved] = s
-                self.last_used[s] = self.last_used[last]
-            self.neuron_at[last] = -1
-            self.count = last
-        return int(slots.size)
+        """Delete the neurons at `slots` (distinct), keeping occupied slots a dense prefix:
+        the survivors above the new end move into the holes below it (vectorised: one
+        gather/scatter of records, not one Python step per neuron)."""
+        slots = np.unique(np.asarray(slots, dtype=np.int64))
+        n = int(slots.size)
+        if n == 0:
+            return 0
+        end = self.count - n
+        self.slot_of[self.neuron_at[slots]] = -1
+        holes = slots[slots < end]
+        if holes.size:
+            tail = np.ones(self.count - end, dtype=bool)
+            tail[slots[slots >= end] - end] = False
+            movers = np.flatnonzero(tail) + end          # survivors above the new end, as many as holes
+            self.buf[holes] = self.buf[movers]
+            moved = self.neuron_at[movers]
+            self.neuron_at[holes] = moved
+            self.slot_of[moved] = holes
+            self.last_used[holes] = self.last_used[movers]
+        self.neuron_at[end:self.count] = -1
+        self.count = end
+        return n
