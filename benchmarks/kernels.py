@@ -18,6 +18,7 @@ machine other work only ever adds time.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -120,30 +121,34 @@ def gemv_rows(args, memcpy, rng):
             x = rng.standard_normal((1, K), dtype=np.float32)
             out = np.empty((1, N), dtype=np.float32)
             int8 = int8_activations_supported(bits, args.block_size, K)
-            for threads in args.threads:
+            shape_rows = {t: dict(bits=bits, N=N, K=K, block=args.block_size, threads=t,
+                                  weight_bytes=nbytes) for t in args.threads}
+
+            def record(row, name, seconds):
+                row[f"{name}_ms"] = seconds * 1e3
+                row[f"{name}_gbs"] = nbytes / seconds / 1e9
+                row[f"{name}_frac_memcpy"] = nbytes / seconds / 1e9 / memcpy
+
+            # All Numba runs first, then onnxruntime: measured here, a Numba run right
+            # after onnxruntime sessions was up to 3x slower (two thread pools).
+            for threads, row in shape_rows.items():
                 numba.set_num_threads(threads)
-                row = dict(bits=bits, N=N, K=K, block=args.block_size, threads=threads,
-                           weight_bytes=nbytes)
-
-                def record(name, seconds):
-                    row[f"{name}_ms"] = seconds * 1e3
-                    row[f"{name}_gbs"] = nbytes / seconds / 1e9
-                    row[f"{name}_frac_memcpy"] = nbytes / seconds / 1e9 / memcpy
-
                 for name, i8 in (("numba", False), ("numba_int8", True)):
                     if i8 and not int8:
                         continue
-                    record(name, _best([lambda p=p, s=s, i8=i8: matmul_nbits(
+                    record(row, name, _best([lambda p=p, s=s, i8=i8: matmul_nbits(
                         x, p, s, bits, args.block_size, out=out, int8_activations=i8)
                         for p, s in weights], args.reps))
-                if not args.no_ort:
+            if not args.no_ort:
+                for threads, row in shape_rows.items():
                     for name, level in (("ort", 0), ("ort_a4", 4)):
                         sess = ort_sessions(weights, N, K, bits, args.block_size, threads, level)
-                        record(name, _best([lambda s=s: s.run(None, {"x": x}) for s in sess],
-                                           args.reps))
+                        record(row, name, _best([lambda s=s: s.run(None, {"x": x}) for s in sess],
+                                                args.reps))
                         del sess
-                rows.append(row)
-                print(f"  measured int{bits} {N} x {K}, {threads} thread(s)", flush=True)
+                        gc.collect()
+            rows.extend(shape_rows.values())
+            print(f"  measured int{bits} {N} x {K}", flush=True)
     return rows
 
 

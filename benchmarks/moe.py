@@ -271,8 +271,8 @@ def measure(folder: Path, args, synthetic) -> dict:
                              "expert_low": m.quantization.get("expert_low")},
             "experts_bytes": experts_bytes, "budget_bytes": budget, "resident_bytes": some.resident_bytes,
             "cache_bytes": runtime_of(some).cache_bytes(), "read_mode": sorted(direct),
-            "threshold": args.threshold, "io_threads": args.io_threads, "tokens": args.tokens,
-            "rounds": args.rounds, "rows": rows}
+            "threshold": args.threshold, "threads": args.threads, "io_threads": args.io_threads,
+            "tokens": args.tokens, "rounds": args.rounds, "rows": rows}
 
 
 def print_table(out: dict) -> None:
@@ -285,7 +285,7 @@ def print_table(out: dict) -> None:
     print(f"experts {mib(out['experts_bytes'])} = {out['experts_bytes'] / out['budget_bytes']:.2f} x the budget "
           f"{mib(out['budget_bytes'])} (resident {mib(out['resident_bytes'])}, expert caches "
           f"{mib(out['cache_bytes'])}); reads {', '.join(out['read_mode'])}, {out['io_threads']} read threads; "
-          f"{out['tokens']} tokens x {out['rounds']} rounds")
+          f"{out['threads']} compute thread(s); {out['tokens']} tokens x {out['rounds']} rounds")
     cols = [("row", 22, "{}"), ("ms_per_token", 9, "{:.1f}"), ("speedup_vs_a", 8, "{:.2f}x"),
             ("hit_rate", 6, "{:.3f}"), ("prefetch_accuracy", 9, "{}"), ("mb_per_token", 8, "{:.1f}"),
             ("low_precision_share", 6, "{:.3f}"), ("io_wait_ms_per_token", 8, "{:.1f}"),
@@ -321,7 +321,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=4, help="steps of each round left out of the median")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--rows", default="abc", help="which rows to run (default abc)")
-    p.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="Numba threads (default 1: on 2 cores, Numba's workers beside the read threads were "
+                        "measured 4x slower than one thread)")
     p.add_argument("--io-threads", type=int, default=4, help="read threads per batch (RuntimeOptions.io_threads; "
                                                             "default 4; 1 reads like a slower flash device)")
     p.add_argument("--json", help="also write the numbers as JSON to this file ('-': stdout)")
