@@ -110,46 +110,48 @@ def ort_sessions(weights, N, K, bits, block, threads, accuracy_level):
     return sessions
 
 
-def gemv_rows(args, memcpy, rng):
+def gemv_rows(args, memcpy):
     """One row per (bits, shape, threads): our float32 and int8-activation paths, and
-    onnxruntime's MatMulNBits at accuracy_level 0 (float32) and 4 (int8 activations)."""
-    rows = []
-    for bits in args.bits:
-        for N, K in SHAPES:
-            weights = _weights(N, K, bits, args.block_size, rng)
-            nbytes = weights[0][0].nbytes + weights[0][1].nbytes
-            x = rng.standard_normal((1, K), dtype=np.float32)
+    onnxruntime's MatMulNBits at accuracy_level 0 (float32) and 4 (int8 activations).
+
+    All Numba runs come first, then all onnxruntime runs: measured here, a Numba run
+    after onnxruntime sessions had run was up to 3x slower (two thread pools on 2 cores).
+    """
+    configs = [(bits, N, K) for bits in args.bits for N, K in SHAPES]
+    rows = {(c, t): dict(bits=c[0], N=c[1], K=c[2], block=args.block_size, threads=t)
+            for c in configs for t in args.threads}
+
+    def record(row, name, seconds):
+        row[f"{name}_ms"] = seconds * 1e3
+        row[f"{name}_gbs"] = row["weight_bytes"] / seconds / 1e9
+        row[f"{name}_frac_memcpy"] = row["weight_bytes"] / seconds / 1e9 / memcpy
+
+    for engine in ("numba", "ort") if not args.no_ort else ("numba",):
+        for c in configs:
+            bits, N, K = c
+            weights = _weights(N, K, bits, args.block_size, np.random.default_rng(c))
+            x = np.random.default_rng(K).standard_normal((1, K), dtype=np.float32)
             out = np.empty((1, N), dtype=np.float32)
-            int8 = int8_activations_supported(bits, args.block_size, K)
-            shape_rows = {t: dict(bits=bits, N=N, K=K, block=args.block_size, threads=t,
-                                  weight_bytes=nbytes) for t in args.threads}
-
-            def record(row, name, seconds):
-                row[f"{name}_ms"] = seconds * 1e3
-                row[f"{name}_gbs"] = nbytes / seconds / 1e9
-                row[f"{name}_frac_memcpy"] = nbytes / seconds / 1e9 / memcpy
-
-            # All Numba runs first, then onnxruntime: measured here, a Numba run right
-            # after onnxruntime sessions was up to 3x slower (two thread pools).
-            for threads, row in shape_rows.items():
-                numba.set_num_threads(threads)
-                for name, i8 in (("numba", False), ("numba_int8", True)):
-                    if i8 and not int8:
-                        continue
-                    record(row, name, _best([lambda p=p, s=s, i8=i8: matmul_nbits(
-                        x, p, s, bits, args.block_size, out=out, int8_activations=i8)
-                        for p, s in weights], args.reps))
-            if not args.no_ort:
-                for threads, row in shape_rows.items():
+            for t in args.threads:
+                row = rows[c, t]
+                row["weight_bytes"] = weights[0][0].nbytes + weights[0][1].nbytes
+                if engine == "numba":
+                    numba.set_num_threads(t)
+                    for name, i8 in (("numba", False), ("numba_int8", True)):
+                        if i8 and not int8_activations_supported(bits, args.block_size, K):
+                            continue
+                        record(row, name, _best([lambda p=p, s=s, i8=i8: matmul_nbits(
+                            x, p, s, bits, args.block_size, out=out, int8_activations=i8)
+                            for p, s in weights], args.reps))
+                else:
                     for name, level in (("ort", 0), ("ort_a4", 4)):
-                        sess = ort_sessions(weights, N, K, bits, args.block_size, threads, level)
-                        record(row, name, _best([lambda s=s: s.run(None, {"x": x}) for s in sess],
-                                                args.reps))
+                        sess = ort_sessions(weights, N, K, bits, args.block_size, t, level)
+                        record(row, name, _best([lambda s=s: s.run(None, {"x": x})
+                                                 for s in sess], args.reps))
                         del sess
                         gc.collect()
-            rows.extend(shape_rows.values())
-            print(f"  measured int{bits} {N} x {K}", flush=True)
-    return rows
+            print(f"  measured {engine} int{bits} {N} x {K}", flush=True)
+    return list(rows.values())
 
 
 def prefill_rows(args, rng):
@@ -230,7 +232,7 @@ def main(argv=None):
     print(f"memcpy bandwidth (numpy copy of 256 MiB, read + write): {memcpy:.1f} GB/s")
     print(f"GEMV, M = 1, block {args.block_size}; weights streamed from DRAM "
           f"({STREAM_BYTES >> 20} MiB of copies per round), best of {args.reps} rounds")
-    rows = gemv_rows(args, memcpy, rng)
+    rows = gemv_rows(args, memcpy)
     print_table(rows, "numba", "ort", "float32 activations (the default) vs onnxruntime "
                 "MatMulNBits accuracy_level=0")
     if any("numba_int8_ms" in r for r in rows):

@@ -45,9 +45,12 @@ def _m_block(K):
 
 
 def _padded(shape, dtype):
-    """An uninitialised array of `shape` whose rows are _ROW_PAD bytes further apart."""
+    """An uninitialised C-contiguous array of `shape` plus _ROW_PAD bytes per row. The
+    kernels take row lengths from the weights and row strides from the array, so the
+    pad is never read; passing the whole array (not a [..., :n] view) keeps one layout,
+    hence one compiled specialization, for M == 1 and M > 1."""
     pad = _ROW_PAD // np.dtype(dtype).itemsize
-    return np.empty(shape[:-1] + (shape[-1] + pad,), dtype=dtype)[..., : shape[-1]]
+    return np.empty(shape[:-1] + (shape[-1] + pad,), dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -367,7 +370,7 @@ def matmul_f16(x, w16, out=None):
     y, result = _output(out, lead, N)
     if x.shape[0] and N:
         xp = _padded(x.shape, np.float32)
-        xp[...] = x
+        xp[:, :K] = x
         _matmul_h(xp, w16.view(np.uint16), _m_block(K), y)
     return result
 
