@@ -15,6 +15,8 @@ from numba import njit, prange
 
 import numba
 
+from ._simd_bundle import baxpy4, baxpy8, bdot4, bdot8
+
 HALF = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
@@ -162,6 +164,77 @@ def _ffn_quant(x, records, rows, nids, up_bias, has_bias, d, qb, ng, gs, so, bit
     return y
 
 
+def _ffn_simd(x, records, rows, nids, up_bias, has_bias, d, qb, ng, gs, so, bits, gated, relu, nchunks, sh):
+    """_ffn_quant through the explicit-SIMD record intrinsics (kernels/_simd_bundle.py);
+    for layouts whose parts are whole 16-byte steps and whose blocks span 2**sh steps."""
+    M = x.shape[0]
+    m = rows.size
+    P = 8 // bits
+    dp = d // P
+    nsteps = qb // 16
+    zp = np.float32(2 ** (bits - 1))
+    xph = np.empty((M, P, dp), np.float32)
+    xcorr = np.empty((M, ng), np.float32)
+    for t in range(M):
+        for j in range(dp):
+            for f in range(P):
+                xph[t, f, j] = x[t, P * j + f]
+        for k in range(ng):
+            s = np.float32(0.0)
+            for j in range(gs):
+                s += x[t, k * gs + j]
+            xcorr[t, k] = -zp * s
+    parts = np.zeros((nchunks, M, P, dp), np.float32)
+    pcorr = np.zeros((nchunks, M, ng), np.float32)
+    per = (m + nchunks - 1) // nchunks
+    sstride = 2 * ng
+    for c in prange(nchunks):
+        for ii in range(c * per, min(m, (c + 1) * per)):
+            r = rows[ii]
+            for t in range(M):
+                if gated:
+                    if bits == 4:
+                        g = bdot4(records, r, 0, nsteps, so, sh, xph[t], xcorr[t])
+                    else:
+                        g = bdot8(records, r, 0, nsteps, so, sh, xph[t], xcorr[t])
+                    a = _act(g, relu)
+                    if a == 0.0:
+                        continue
+                    if bits == 4:
+                        u = bdot4(records, r, qb, nsteps, so + sstride, sh, xph[t], xcorr[t])
+                    else:
+                        u = bdot8(records, r, qb, nsteps, so + sstride, sh, xph[t], xcorr[t])
+                    h = np.float32(a * u)
+                    j = 2
+                else:
+                    if bits == 4:
+                        u = bdot4(records, r, 0, nsteps, so, sh, xph[t], xcorr[t])
+                    else:
+                        u = bdot8(records, r, 0, nsteps, so, sh, xph[t], xcorr[t])
+                    if has_bias:
+                        u += up_bias[nids[ii]]
+                    h = np.float32(_act(u, relu))
+                    j = 1
+                if h != 0.0:
+                    if bits == 4:
+                        baxpy4(records, r, j * qb, nsteps, so + j * sstride, sh, h, parts[c, t], pcorr[c, t])
+                    else:
+                        baxpy8(records, r, j * qb, nsteps, so + j * sstride, sh, h, parts[c, t], pcorr[c, t])
+    y = np.zeros((M, d), np.float32)
+    for t in range(M):
+        for c in range(nchunks):
+            for j in range(dp):
+                for f in range(P):
+                    y[t, P * j + f] += parts[c, t, f, j]
+        for k in range(ng):
+            s = np.float32(0.0)
+            for c in range(nchunks):
+                s += pcorr[c, t, k]
+            for j in range(gs):
+                y[t, k * gs + j] -= zp * s
+    return y
+
+
 def _ffn_f16(x, records, rows, nids, up_bias, has_bias, d, gated, relu, nchunks, half):
     M = x.shape[0]
     m = rows.size
@@ -205,8 +278,23 @@ def _ffn_f16(x, records, rows, nids, up_bias, has_bias, d, gated, relu, nchunks,
 # Two compilations of each: threads cost tens of microseconds to wake, which a
 # small layer (a decode step of a small model) does not repay.
 _QUANT = (njit(cache=True, fastmath=True)(_ffn_quant), njit(parallel=True, cache=True, fastmath=True)(_ffn_quant))
+_SIMD = (njit(cache=True, fastmath=True)(_ffn_simd), njit(parallel=True, cache=True, fastmath=True)(_ffn_simd))
 _F16 = (njit(cache=True, fastmath=True)(_ffn_f16), njit(parallel=True, cache=True, fastmath=True)(_ffn_f16))
 PARALLEL_MIN_WORK = 1 << 21   # multiply-adds
+
+
+def _simd_steps_log2(layout) -> int:
+    """log2 of the 16-byte steps per quantization block, or -1 where the SIMD kernel
+    does not apply (the plain loop then serves)."""
+    if not SIMD or layout.bits not in (4, 8) or layout.q_bytes % 16:
+        return -1
+    block_bytes = layout.group_size * layout.bits // 8
+    if block_bytes % 16 or (block_bytes // 16) & (block_bytes // 16 - 1):
+        return -1
+    return (block_bytes // 16).bit_length() - 1
+
+
+SIMD = True   # tests switch it off to compare against the plain loop
 
 
 def bundled_ffn(x: np.ndarray, records: np.ndarray, layout, activation: str, rows: np.ndarray | None = None,
@@ -232,6 +320,10 @@ def bundled_ffn(x: np.ndarray, records: np.ndarray, layout, activation: str, row
     if layout.bits == 16:
         recs = records.view(np.uint16)
         return _F16[par](x, recs, rows, nids, ub, has_bias, layout.hidden, layout.gated, relu, nchunks, HALF)
+    sh = _simd_steps_log2(layout)
+    if sh >= 0:
+        return _SIMD[par](x, records, rows, nids, ub, has_bias, layout.hidden, layout.q_bytes, layout.n_groups,
+                          layout.group_size, layout.scale_offset, layout.bits, layout.gated, relu, nchunks, sh)
     return _QUANT[par](x, records, rows, nids, ub, has_bias, layout.hidden, layout.q_bytes, layout.n_groups,
                       layout.group_size, layout.scale_offset, layout.bits, layout.gated, relu, nchunks, HALF)
 
