@@ -41,7 +41,8 @@ class RuntimeOptions:
     io_threads: int = 4
     expert_policy: str = "hobbit"  # MoE cache eviction: "lru" or "hobbit" (recency, frequency, precision)
     prefetch: bool = True          # MoE: start next layer's likely experts while this layer computes
-    expert_low_threshold: float = 0.0  # MoE: a miss whose gate weight is below this loads the low-precision copy
+    expert_low_threshold: float = 0.8  # MoE: a miss whose gate weight is below this loads the low-precision copy
+                                       # (exports with --expert-low; 0: always full precision). 0.8: see README
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -16,6 +16,7 @@ import numpy as np
 from edgeinfer.errors import UnsupportedModelError
 
 CALIBRATION_TEXT = Path(__file__).with_name("calibration.txt")
+MIN_STEPS = 300   # optimizer steps per predictor, whatever the amount of calibration text
 
 
 def _capture_ffn_inputs(folder: Path, ids: list[int], window: int, progress) -> tuple[dict, object]:
@@ -125,6 +126,11 @@ def _fit(torch, x: np.ndarray, y: np.ndarray, rank: int, recall: float, epochs: 
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(min(4.0, (1 - pos) / max(pos, 1e-3))))
     batch = 512
     tr_t = torch.from_numpy(tr)
+    # Train for at least MIN_STEPS optimizer steps: with little calibration text (a few
+    # batches per epoch) a fixed epoch count leaves the predictor far from converged
+    # (measured on the 7b-wide-sparse synthetic, 2048 tokens: 12 epochs select 42% of
+    # neurons at recall 0.95, 75 epochs 13%, true 10%).
+    epochs = max(epochs, -(-MIN_STEPS // max(1, -(-tr.size // batch))))
     for _ in range(epochs):
         perm = tr_t[torch.randperm(tr_t.numel())]
         for s in range(0, perm.numel(), batch):
@@ -136,11 +142,12 @@ def _fit(torch, x: np.ndarray, y: np.ndarray, rank: int, recall: float, epochs: 
     with torch.no_grad():
         logits = lin_b(lin_a(X[torch.from_numpy(va)])).numpy()
     truth = y[va] > 0
-    # The largest threshold (fewest loads) that still reaches the target recall.
-    probs = 1 / (1 + np.exp(-logits))
-    pos_probs = np.sort(probs[truth])
-    t = float(pos_probs[int((1 - recall) * pos_probs.size)]) if pos_probs.size else 0.5
-    pred = probs >= t
+    # The largest threshold (fewest loads) that still reaches the target recall,
+    # chosen on logits (a sigmoid of large logits overflows) and stored as a probability.
+    pos_logits = np.sort(logits[truth])
+    lt = float(pos_logits[int((1 - recall) * pos_logits.size)]) if pos_logits.size else 0.0
+    t = float(1 / (1 + np.exp(-np.clip(lt, -80, 80))))
+    pred = logits >= lt
     tp = float((pred & truth).sum())
     st = {"rank": rank, "threshold": round(t, 6), "recall": round(tp / max(truth.sum(), 1), 4),
           "precision": round(tp / max(pred.sum(), 1), 4), "true_active": round(float(truth.mean()), 4),

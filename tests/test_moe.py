@@ -17,13 +17,14 @@ from edgeinfer.manifest import read_manifest
 from edgeinfer.moe.expert_cache import ExpertCache
 from edgeinfer.moe.layout import HIGH, LOW, ExpertLayout, decode, encode
 from edgeinfer.moe.streaming import runtime_of
+from edgeinfer.plan import RuntimeOptions
 from export.exporter import export
 
 MIXTRAL = "mixtral-8x-16m"
 PROMPTS = ["Once upon a time", "In the beginning of the war, the"]
 F16_LOGIT_ATOL = 2e-3          # as tests/test_parity.py: float16 weights, float32 math
 THREADS = 1                    # 2-core machine: tiny matrices are not worth waking threads for
-LOW_THRESHOLD = 0.5            # top-2: a missed expert with the smaller weight loads at low precision
+LOW_THRESHOLD = RuntimeOptions().expert_low_threshold   # the default: a miss below gate weight 0.8 loads low
 QUALITY_LIMIT = 0.03
 MIXED_LAYOUT = ExpertLayout.for_export(256, 512, 8, 32, "int8", "int4")   # the fixture at int8 + int4
 
@@ -204,6 +205,31 @@ def test_hobbit_keeps_frequent_experts_and_packs_low_copies():
     assert len(lows) >= 2 and len({ent.block for ent in lows}) < len(lows)
 
 
+def test_hobbit_downgrades_high_copies_and_upgrades_low_ones_in_place():
+    """Precision held is a dimension of eviction: a low page comes from dropping the rest
+    of the least valuable high copy (its prefix stays, as the low copy); a low copy that
+    starts a block is upgraded where it is. LRU evicts whole experts."""
+    cache, layout = _cache("hobbit", 2)
+    for e in (0, 0, 0, 1):                  # two high copies fill the cache; 0 is the frequent one
+        _use(cache, e)
+    _use(cache, 2, LOW, low_eligible=True)
+    assert cache.counts.downgraded == 1 and cache.counts.evicted == 0
+    assert {e: x.precision for e, x in cache.entries.items()} == {0: HIGH, 1: LOW, 2: LOW}
+    one = cache.get(1)
+    block = one.block
+    assert one.page == 0 and cache.get(2).block == block      # low copies share a block
+    up = cache.upgrade_in_place(one)
+    assert up is one and up.precision == HIGH and up.block == block and not up.ready
+    assert cache.counts.upgraded_in_place == 1 and 2 not in cache.entries   # its neighbour made room
+    cache.commit(up)
+    cache.release(up)
+    lru, _ = _cache("lru", 2)
+    for e in (0, 1):
+        _use(lru, e)
+    _use(lru, 2, LOW, low_eligible=True)
+    assert lru.counts.downgraded == 0 and sorted(lru.entries) == [1, 2]
+
+
 def test_pinned_entries_are_never_evicted():
     cache, _ = _cache("lru", 2, low=False)
     a = cache.reserve(0, HIGH)
@@ -226,7 +252,8 @@ def _stepwise(model, ids):
 @pytest.mark.parametrize("policy", ["lru", "hobbit"])
 def test_streaming_at_full_precision_equals_resident(mixtral_mixed, policy):
     resident = edgeinfer.load(mixtral_mixed, threads=THREADS)
-    model = edgeinfer.load(mixtral_mixed, memory_budget="50%", expert_policy=policy, threads=THREADS)
+    model = edgeinfer.load(mixtral_mixed, memory_budget="50%", expert_policy=policy, expert_low_threshold=0.0,
+                           threads=THREADS)
     assert model.mode == "streaming"
     rt = runtime_of(model)
     assert rt.cache_bytes() <= model.plan.budget - model.resident_bytes
@@ -306,7 +333,7 @@ def test_corrupted_expert_stage_is_caught_when_read(mixtral_mixed, tmp_path):
     low = edgeinfer.load(folder, memory_budget="50%", expert_low_threshold=1.0, threads=THREADS)
     ids = low.tokenizer.encode(PROMPTS[0])
     _stepwise(low, ids)
-    high = edgeinfer.load(folder, memory_budget="50%", threads=THREADS)
+    high = edgeinfer.load(folder, memory_budget="50%", expert_low_threshold=0.0, threads=THREADS)
     with pytest.raises(ChecksumError, match=r"experts.bin: checksum mismatch in expert \d of layers.0.ffn.experts "
                                             r"\(stage 1"):
         _stepwise(high, ids)

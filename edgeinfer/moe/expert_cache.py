@@ -19,9 +19,17 @@ block of low copies is worth the sum of its entries) of least value is evicted.
   f (recency and frequency in one number) is the expert's use count with each use
   decaying by half every `half_life` layer calls; saved (precision) is the bytes a hit
   on this copy would save, given how often this expert's gate weight was below the
-  low-precision threshold: a high copy saves a high read on an important token and a
-  low read otherwise; a low copy only ever saves a low read (an important token needs
-  the high copy anyway).
+  low-precision threshold. Nested records (the low copy is the high record's prefix):
+  a cached prefix saves its read on *every* use (an important token then reads only the
+  rest of the record), and the rest saves its read on important tokens. Separate low
+  records: a high copy saves a high read on an important token and a low read
+  otherwise; a low copy only ever saves a low read.
+
+Precision held is a dimension of eviction, not only of value (hobbit, nested records):
+when a low page is needed, a high copy may be *downgraded* (its rest pages freed, its
+prefix kept as the low copy) if the rest is what is worth least; and a low copy at the
+start of a block is upgraded *in place* (the rest read into the pages after it, no copy).
+LRU evicts whole experts only (the baseline).
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ import numpy as np
 
 from ..errors import BudgetError
 from ..storage import aligned_empty
-from .layout import HIGH, ExpertLayout
+from .layout import HIGH, LOW, ExpertLayout
 
 
 def block_geometry(layout: ExpertLayout) -> tuple[int, int, int]:
@@ -54,6 +62,7 @@ class Entry:
     pages: int
     pins: int = 1
     ready: bool = False
+    dropped: bool = False           # forgotten while pinned: its pages are freed at the last release
     prefetched: bool = False        # read by the prefetcher and not yet used
 
 
@@ -67,6 +76,7 @@ class _Use:
 
 class LRUPolicy:
     name = "lru"
+    downgrades = False
 
     def __init__(self, layout: ExpertLayout, half_life: float = 0.0):
         self.last: dict[int, int] = {}
@@ -91,6 +101,8 @@ class HobbitPolicy:
         self.decay = math.log(2.0) / half_life
         self.high_bytes = float(layout.high_bytes)
         self.low_bytes = float(layout.low_bytes or layout.high_bytes)
+        self.nested = bool(layout.low_bits and layout.low_nested)
+        self.downgrades = self.nested
         self.uses: dict[int, _Use] = {}
 
     def _u(self, expert: int, now: int) -> _Use:
@@ -116,14 +128,25 @@ class HobbitPolicy:
 
     def value(self, entry: Entry, now: int) -> float:
         """Expected bytes saved by keeping this copy (see the module docstring)."""
-        u = self._u(entry.expert, now)
+        return self._value(entry.expert, entry.precision, now)
+
+    def _value(self, expert: int, precision: str, now: int) -> float:
+        u = self._u(expert, now)
         share_low = u.low / u.freq if u.freq > 0 else 0.0
-        if entry.precision == HIGH:
+        if self.nested:          # the prefix serves every use; the rest only important tokens
+            saved = self.low_bytes + ((1.0 - share_low) * (self.high_bytes - self.low_bytes)
+                                      if precision == HIGH else 0.0)
+        elif precision == HIGH:
             saved = (1.0 - share_low) * self.high_bytes + share_low * self.low_bytes
         else:
             saved = share_low * self.low_bytes
         # recency breaks ties between equally frequent experts (and ranks unused ones)
         return u.freq * saved + 1e-6 * saved * (u.last + 1) / (now + 1)
+
+    def downgrade_value(self, entry: Entry, now: int) -> float:
+        """What dropping a high copy's rest (keeping its prefix as the low copy) loses, per page freed."""
+        lost = self._value(entry.expert, HIGH, now) - self._value(entry.expert, LOW, now)
+        return lost / max(1, entry.pages - 1)
 
     def entry_value(self, entry: Entry, now: int) -> float:
         return self.value(entry, now) / entry.pages
@@ -139,6 +162,8 @@ POLICIES = {"lru": LRUPolicy, "hobbit": HobbitPolicy}
 class CacheCounts:
     evicted: int = 0
     inserted: int = 0
+    downgraded: int = 0         # high copies whose rest was dropped, their prefix kept
+    upgraded_in_place: int = 0  # low copies whose rest was read into the pages after them
 
 
 class ExpertCache:
@@ -194,7 +219,10 @@ class ExpertCache:
         return entry
 
     def release(self, entry: Entry) -> None:
-        entry.pins -= 1
+        with self.lock:
+            entry.pins -= 1
+            if entry.dropped and entry.pins <= 0:
+                self._free(entry)
 
     def used(self, expert: int, low_eligible: bool) -> None:
         self.policy.used(expert, self.now, low_eligible)
@@ -239,6 +267,41 @@ class ExpertCache:
             self.counts.inserted += 1
             return entry
 
+    def upgrade_in_place(self, entry: Entry) -> Entry | None:
+        """Turn a ready low copy (nested records) into a pinned, not yet ready high copy in
+        the same place, when it starts a block: the pages after it must be free or hold
+        unpinned low copies worth less than the cheapest whole block elsewhere (those are
+        evicted). The caller reads the rest of the record after the prefix. None: not possible."""
+        with self.lock:
+            L = self.layout
+            if (not L.low_nested or entry.precision == HIGH or entry.pins or entry.page != 0
+                    or self.block_pages[entry.block] < self.pages or self.entries.get(entry.expert) is not entry):
+                return None
+            slots = self._slots[entry.block]
+            others = list({id(s): s for s in slots[1:self.pages] if s is not None}.values())
+            if any(s.pins or s is entry for s in others):
+                return None
+            if others:
+                now, policy = self.now, self.policy
+                loss = sum(policy.entry_value(s, now) for s in others)
+                if any(s is None for s in self._slots):          # a free block: copy there instead
+                    return None
+                for b, other in enumerate(self._slots):
+                    if b == entry.block or other is None or self.block_pages[b] < self.pages:
+                        continue
+                    held = list({id(s): s for s in other if s is not None}.values())
+                    if not any(s.pins for s in held) and policy.block_value(held, now) < loss:
+                        return None
+                for s in others:
+                    self._evict(s)
+            for p in range(1, self.pages):
+                slots[p] = entry
+            entry.precision, entry.pages, entry.ready = HIGH, self.pages, False
+            entry.pins += 1
+            self.policy.inserted(entry.expert, self.now)
+            self.counts.upgraded_in_place += 1
+            return entry
+
     def commit(self, entry: Entry) -> None:
         """The read into `entry` finished: it serves lookups."""
         entry.ready = True
@@ -248,7 +311,10 @@ class ExpertCache:
         with self.lock:
             if self.entries.get(entry.expert) is entry:
                 del self.entries[entry.expert]
-            self._free(entry)
+            if entry.pins > 0:               # a kernel (or a read) still uses it: free at the last release
+                entry.dropped = True
+            else:
+                self._free(entry)
 
     def _free(self, entry: Entry) -> None:
         slots = self._slots[entry.block]
@@ -283,18 +349,35 @@ class ExpertCache:
                     continue
                 v, victims = policy.block_value(held, now), held
             else:
-                free = [s for s in held if not s.pins]
-                if not free:
-                    continue
-                victim = min(free, key=lambda s: policy.entry_value(s, now))
-                v, victims = policy.entry_value(victim, now), [victim]
+                for s in held:
+                    if s.pins:
+                        continue
+                    if s.pages > 1 and policy.downgrades:       # free its rest, keep its prefix
+                        v, act = policy.downgrade_value(s, now), ("downgrade", s)
+                    else:
+                        v, act = policy.entry_value(s, now), ("evict", [s])
+                    if v < best_v:
+                        best, best_v = act, v
+                continue
             if v < best_v:
-                best, best_v = victims, v
+                best, best_v = ("evict", victims), v
         if best is None:
             raise BudgetError(f"the expert cache ({self.blocks} slots) has no room: every slot is in use; "
                               "raise the memory budget")
-        for s in best:
+        if best[0] == "downgrade":
+            self._downgrade(best[1])
+            return
+        for s in best[1]:
             self._evict(s)
+
+    def _downgrade(self, entry: Entry) -> None:
+        """A high copy keeps only its prefix (nested records): the low copy, in the same place."""
+        slots = self._slots[entry.block]
+        for p in range(entry.page + 1, entry.page + entry.pages):
+            if slots[p] is entry:
+                slots[p] = None
+        entry.precision, entry.pages = LOW, 1
+        self.counts.downgraded += 1
 
     def _evict(self, entry: Entry) -> None:
         if self.entries.get(entry.expert) is entry:

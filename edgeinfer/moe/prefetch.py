@@ -4,8 +4,9 @@ reads run on this background thread.
 The residual stream changes little from one layer to the next, so the guess is usually
 right; a wrong guess costs a read, never a wrong result (layer L+1 routes for itself).
 
-One worker thread, so prefetch reads never compete with each other; layer L+1 waits for
-its own prefetch to finish before it touches its cache.
+One worker thread, so reads never compete with each other: a layer's own misses are
+queued there too (behind its prefetch, ahead of the next layer's), so the layer runs its
+cached experts while they are read.
 """
 from __future__ import annotations
 
@@ -30,6 +31,19 @@ class Prefetcher:
                 return False
             self._pending[layer] = self._pool.submit(fn, *args)
             return True
+
+    def run(self, fn, *args) -> concurrent.futures.Future:
+        """Run fn(*args) on the prefetch thread after what is queued there (a layer's own reads)."""
+        return self._pool.submit(fn, *args)
+
+    def collect(self, layer: int) -> None:
+        """Forget `layer`'s prefetch if it is done, re-raising its error; one still reading goes on."""
+        with self._lock:
+            fut = self._pending.get(layer)
+            if fut is None or not fut.done():
+                return
+            del self._pending[layer]
+        fut.result()
 
     def wait(self, layer: int) -> float:
         """Wait for `layer`'s prefetch (re-raising its error); returns the seconds waited."""

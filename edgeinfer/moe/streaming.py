@@ -1,10 +1,13 @@
 """Streaming MoE (the plan plugin for edgeinfer.MoE): experts come from experts.bin
 through each layer's expert cache under the memory budget.
 
-Per layer call: route; wait for this layer's prefetch; pin the cached experts, read
-the missing ones in one batch (HOBBIT's token-level dynamic expert loading: a miss whose gate
-weight is below `expert_low_threshold` reads the low-precision copy; a cached high copy
-is always used); start the next layer's prefetch (prefetch.py); run the experts.
+Per layer call: route; pin the cached experts and queue the reads of the missing ones,
+as one batch, on the prefetch thread, behind this layer's own prefetch (HOBBIT's
+token-level dynamic expert loading: a miss whose gate weight is below
+`expert_low_threshold` reads the low-precision copy; a cached high copy is always used);
+queue the next layer's prefetch (prefetch.py); run the cached experts while the reads
+go on, then the rest. Every read lands in a pinned, not yet ready slot; the cache's
+bookkeeping is under its lock, so the reads run outside it.
 
 Modes: "streaming" (and "oracle": routing is exact anyway) use the options as given;
 "naive" is the no-reuse baseline: room for one token's experts, each read at full
@@ -116,7 +119,7 @@ class StreamedMoE:
         self.stats = ctx.stats
         self.runtime = MoERuntime.of(ctx)
         self.runtime.add(self)
-        self.lock = threading.Lock()             # this layer's cache: its call vs the prefetch thread
+        self.lock = threading.Lock()             # one call of this layer at a time
         self.shared_lock = ctx.lock              # streamed layers run one at a time (plan.StreamContext)
 
     # -- where an expert's bytes are --------------------------------------------------------
@@ -134,15 +137,51 @@ class StreamedMoE:
     # -- loading ------------------------------------------------------------------------
     def _load(self, wants):
         """Pin a usable cached copy of each (expert, precision), reading the missing ones as
-        one batch. Returns (entries, entries read now)."""
-        cache, L = self.cache, self.layout
+        one batch. Returns (entries, entries read now). Thread-safe: the cache's bookkeeping
+        happens under its lock, the read outside it (into pinned, not yet ready slots)."""
+        cache = self.cache
         entries, fresh, requests, dests = [], [], [], []
+        try:
+            with cache.lock:
+                evicted0 = cache.counts.evicted
+                try:
+                    self._reserve(wants, entries, fresh, requests, dests)
+                finally:
+                    self.stats.add(experts_evicted=cache.counts.evicted - evicted0)
+            if requests:
+                self.file.read_batch(requests, out=cache.buffer, dest=dests)
+                for ent, (off, n) in zip(fresh, requests):
+                    self._verify(ent, off, n)
+        except BaseException:                    # StorageError, ChecksumError, Ctrl-C: keep the cache truthful
+            with cache.lock:
+                for ent in fresh:
+                    cache.drop(ent)
+                for ent in entries:
+                    cache.release(ent)
+            raise
+        with cache.lock:
+            for ent in fresh:
+                cache.commit(ent)
+        return entries, fresh
+
+    def _reserve(self, wants, entries, fresh, requests, dests) -> None:
+        """_load's bookkeeping (under the cache's lock): pin what is cached, reserve the rest."""
+        cache, L = self.cache, self.layout
         for e, prec in wants:
             have = cache.get(e)
             if have is not None and (have.precision == HIGH or prec == LOW):
                 entries.append(cache.pin(have))
                 continue
             new = None
+            if have is not None and L.low_nested:    # upgrade in place: read the rest after the prefix
+                new = cache.upgrade_in_place(have)
+                if new is not None:
+                    off, n = self._range(e, prec)
+                    entries.append(new)
+                    fresh.append(new)
+                    requests.append((off + L.low_bytes, n - L.low_bytes))
+                    dests.append(cache.offset(new) + L.low_bytes)
+                    continue
             if have is not None:                 # upgrade: keep the low copy while a slot is found
                 try:
                     new = cache.reserve(e, prec, keep=have)
@@ -151,6 +190,8 @@ class StreamedMoE:
                     have = None
             if new is None:
                 new = cache.reserve(e, prec)
+            entries.append(new)
+            fresh.append(new)
             at = cache.offset(new)
             off, n = self._range(e, prec)
             if have is not None:
@@ -161,22 +202,6 @@ class StreamedMoE:
                 cache.drop(have)
             requests.append((off, n))
             dests.append(at)
-            entries.append(new)
-            fresh.append(new)
-        try:
-            if requests:
-                self.file.read_batch(requests, out=cache.buffer, dest=dests)
-                for ent, (off, n) in zip(fresh, requests):
-                    self._verify(ent, off, n)
-        except BaseException:                    # StorageError, ChecksumError, Ctrl-C: keep the cache truthful
-            for ent in fresh:
-                cache.drop(ent)
-            for ent in entries:
-                cache.release(ent)
-            raise
-        for ent in fresh:
-            cache.commit(ent)
-        return entries, fresh
 
     def _verify(self, entry, off: int, n: int) -> None:
         """Check the stages a read covered against their crc32 (edgeinfer/moe/layout.py stages)."""
@@ -201,9 +226,20 @@ class StreamedMoE:
             checked[entry.expert, s] = True
 
     def _prefetch_into(self, wants) -> None:
-        """Runs on the prefetch thread: read this layer's guessed experts into its cache."""
-        with self.lock:
+        """Runs on the prefetch thread: read this layer's guessed experts into its cache.
+        A guess finds no room while this layer's own call pins the cache: it is skipped."""
+        try:
             entries, fresh = self._load(wants)
+        except BudgetError:
+            entries, fresh = [], []
+            for want in wants:
+                try:
+                    ent, new = self._load([want])
+                except BudgetError:
+                    continue
+                entries += ent
+                fresh += new
+        with self.cache.lock:
             for ent in fresh:
                 ent.prefetched = True
             for ent in entries:
@@ -225,56 +261,97 @@ class StreamedMoE:
         x = np.ascontiguousarray(x, dtype=np.float32)
         rt = self.runtime
         with self.shared_lock:
-            waited = rt.prefetcher.wait(self.layer)
             idx, w = self.moe.route(x)
             groups = tokens_by_expert(idx, w)
             with self.lock:
                 y = self._run(x, groups)
-        self.stats.add(io_wait_seconds=waited)
         if rt.is_first(self.layer):
             self.stats.add(tokens=x.shape[0])
         return self.moe.finish(x, y)
 
     def _run(self, x: np.ndarray, groups) -> np.ndarray:
-        cache = self.cache
-        cache.tick()
-        wants = []
-        for e, (_, wts) in groups.items():
-            top = float(wts.max())
-            cache.used(e, low_eligible=top < self.threshold)
-            wants.append((e, self.precision(top)))
-        # cached experts first, so reading the others cannot evict them
-        wants.sort(key=lambda ew: cache.get(ew[0]) is None)
+        """Run this call's experts. The copies already cached run first while the missing ones
+        are read on the prefetch thread (after this layer's prefetch, which may still be
+        reading: its slots are pinned and not ready, so they are left to the read); then
+        the next layer's prefetch is queued and the rest run as their reads complete."""
+        cache, rt = self.cache, self.runtime
+        with cache.lock:
+            cache.tick()
+            wants = []
+            for e, (_, wts) in groups.items():
+                top = float(wts.max())
+                cache.used(e, low_eligible=top < self.threshold)
+                wants.append((e, self.precision(top)))
+            # cached experts first, so reading the others cannot evict them
+            wants.sort(key=lambda ew: cache.get(ew[0]) is None)
         y = np.zeros_like(x)
-        evicted0 = cache.counts.evicted
         hits = loaded = low_loaded = run_low = used_prefetch = 0
         io_s = compute_s = 0.0
         step = cache.blocks
         for start in range(0, len(wants), step):
             chunk = wants[start:start + step]
             t0 = time.perf_counter()
-            entries, fresh = self._load(chunk)
-            t1 = time.perf_counter()
-            io_s += t1 - t0
+            ready, rest = [], []
+            with cache.lock:                     # usable, ready copies: pinned now, run while the rest is read
+                for e, prec in chunk:
+                    have = None if self.naive else cache.get(e)
+                    if have is not None and (have.precision == HIGH or prec == LOW):
+                        ready.append((e, cache.pin(have)))
+                    else:
+                        rest.append((e, prec))
+            job = None
+            if rest and not self.naive:          # FIFO behind this layer's prefetch, ahead of the next one
+                job = rt.prefetcher.run(self._load, rest)
             if start == 0 and self.prefetch:
                 self._start_prefetch(x)
+            entries, fresh = [], []
+            if rest and self.naive:
+                entries, fresh = self._load(rest)
+            t1 = time.perf_counter()
+            io_s += t1 - t0
+            pinned = [ent for _, ent in ready]
+            try:
+                try:
+                    compute_s += self._compute(x, y, groups, ready)
+                finally:
+                    if job is not None:          # wait for the read even when the above failed: its pins
+                        t2 = time.perf_counter()
+                        try:
+                            entries, fresh = job.result()
+                        finally:
+                            io_s += time.perf_counter() - t2
+                pinned += entries
+                pairs = [(e, ent) for (e, _), ent in zip(rest, entries)]
+                compute_s += self._compute(x, y, groups, pairs)
+            finally:
+                with cache.lock:
+                    for ent in pinned:
+                        cache.release(ent)
+                        if self.naive:
+                            cache.drop(ent)
             loaded += len(fresh)
             low_loaded += sum(ent.precision == LOW for ent in fresh)
-            hits += len(entries) - len(fresh)
-            for (e, _), ent in zip(chunk, entries):
-                rows, wts = groups[e]
-                fmt = self.layout.format(ent.precision)
-                y[rows] += expert_ffn(x[rows], cache.view(ent), fmt) * wts[:, None]
-                run_low += ent.precision == LOW
-                if ent.prefetched:
-                    used_prefetch += 1
-                    ent.prefetched = False
-                cache.release(ent)
-                if self.naive:
-                    cache.drop(ent)
-            compute_s += time.perf_counter() - t1
+            hits += len(ready) + len(entries) - len(fresh)
+            run_low += sum(ent.precision == LOW for _, ent in ready + pairs)
+            used_prefetch += sum(ent.prefetched for _, ent in ready + pairs)
+            for _, ent in ready + pairs:
+                ent.prefetched = False
+        if rt.next_layer(self.layer) is None:    # nothing reads after the last layer's call returns
+            t0 = time.perf_counter()
+            rt.prefetcher.wait(self.layer)
+            io_s += time.perf_counter() - t0
+        else:                                    # its error, if it is done (one still reading goes on)
+            rt.prefetcher.collect(self.layer)
         self.stats.add(experts_needed=len(wants), experts_hit=hits, experts_loaded=loaded,
-                       experts_low_precision=low_loaded, experts_evicted=cache.counts.evicted - evicted0,
+                       experts_low_precision=low_loaded,
                        prefetch_hits=used_prefetch, io_wait_seconds=io_s, compute_seconds=compute_s)
         self.runtime.count(experts_run=len(wants), experts_run_low=run_low)
         return y
+
+    def _compute(self, x, y, groups, pairs) -> float:
+        t0 = time.perf_counter()
+        for e, ent in pairs:
+            rows, wts = groups[e]
+            fmt = self.layout.format(ent.precision)
+            y[rows] += expert_ffn(x[rows], self.cache.view(ent), fmt) * wts[:, None]
+        return time.perf_counter() - t0
