@@ -19,8 +19,11 @@ What runs where:
                constant-folds into float32 weights (8x the int4 bytes; above
                ort_backend.FOLD_LIMIT folding is off and it dequantizes every call), so
                ort runs on the matmul layout only unless --ort-on-bundled
-  ort-int8act  as ort, every MatMulNBits with int8 activations (accuracy_level 4): the
-               fastest onnxruntime CPU path, not the numerics of the other rows
+  numba-int8act  as numba, with activations="int8" (RuntimeOptions): MatMulNBits
+               activations quantized per block to int8 (AVX512-VNNI); the numerics of
+               ort-int8act, not of the float rows
+  ort-int8act  as ort, activations="int8": every MatMulNBits with int8 activations
+               (accuracy_level 4), the fastest onnxruntime CPU path
   hybrid       BundledFFN in Numba, the rest in onnxruntime segments (one per layer)
 
 Decode: a greedy loop over Model.forward (no sampling, no EOS stop), `--tokens` steps
@@ -51,10 +54,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import edgeinfer  # noqa: E402
-from edgeinfer.executor import ort_backend  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "models" / "llama-relu-8m" / "tokenizer.json"   # vocab 8192
-BACKENDS = ("numba", "ort", "ort-int8act", "hybrid")
+BACKENDS = ("numba", "numba-int8act", "ort", "ort-int8act", "hybrid")
 PROMPT = "Once upon a time, in a land far away, there"
 
 COLD_CHILD = r"""
@@ -125,16 +127,10 @@ def _rss() -> int:
 
 
 def load_backend(folder, backend, threads):
-    base = "ort" if backend == "ort-int8act" else backend
-    saved = ort_backend.ACCURACY_LEVEL
-    if backend == "ort-int8act":
-        ort_backend.ACCURACY_LEVEL = {4: 4, 8: 4}
-    try:
-        r0, t0 = _rss(), time.perf_counter()
-        model = edgeinfer.load(folder, backend=base, threads=threads)
-        return model, time.perf_counter() - t0, _rss() - r0
-    finally:
-        ort_backend.ACCURACY_LEVEL = saved
+    base, _, int8 = backend.partition("-")
+    r0, t0 = _rss(), time.perf_counter()
+    model = edgeinfer.load(folder, backend=base, threads=threads, activations="int8" if int8 else "float32")
+    return model, time.perf_counter() - t0, _rss() - r0
 
 
 def decode(model, ids, tokens: int):
@@ -230,11 +226,11 @@ def environment(args) -> dict:
 
 
 def print_decode(rows, sizes):
-    print(f"\n{'layout':8s} {'backend':12s} {'tok/s':>7s} {'ms/tok':>8s} {'prefill ms':>10s} {'load s':>7s} "
+    print(f"\n{'layout':8s} {'backend':13s} {'tok/s':>7s} {'ms/tok':>8s} {'prefill ms':>10s} {'load s':>7s} "
           f"{'RSS +MB':>8s}  rounds ms/tok          tokens")
     for r in rows:
         rounds = " ".join(f"{x:.1f}" for x in r["rounds_ms"])
-        print(f"{r['layout']:8s} {r['backend']:12s} {r['tokens_per_s']:7.2f} {r['ms_per_token']:8.1f} "
+        print(f"{r['layout']:8s} {r['backend']:13s} {r['tokens_per_s']:7.2f} {r['ms_per_token']:8.1f} "
               f"{r['prefill_ms']:10.1f} {r['load_s']:7.1f} {r['rss_mb']:8.0f}  {rounds:22s} "
               f"{'same' if r['same_tokens_as'] != 'differs' else 'differ'}")
     for layout in dict.fromkeys(r["layout"] for r in rows):
@@ -243,6 +239,8 @@ def print_decode(rows, sizes):
             print(f"{layout}: numba/ort tokens/s ratio {by['numba']['tokens_per_s'] / by['ort']['tokens_per_s']:.2f}"
                   + (f", hybrid/ort {by['hybrid']['tokens_per_s'] / by['ort']['tokens_per_s']:.2f}"
                      if "hybrid" in by else "")
+                  + (f", numba-int8act/ort-int8act {by['numba-int8act']['tokens_per_s'] / by['ort-int8act']['tokens_per_s']:.2f}"
+                     if "numba-int8act" in by and "ort-int8act" in by else "")
                   + (f" ({sizes[layout] / 2**20:.0f} MB of weights)" if layout in sizes else ""))
 
 

@@ -4,6 +4,7 @@ against onnxruntime's MatMulNBits on the same packed weights.
     python benchmarks/kernels.py                 # tables
     python benchmarks/kernels.py --json out.json # tables, and the numbers as JSON
     python benchmarks/kernels.py --prefill       # also the M sweep (prefill / batches)
+    python benchmarks/kernels.py --prefill-only --threads 1 2 --bits 4   # only the sweep
 
 Decode reads every weight once per token, so the weights are streamed from DRAM:
 each measurement cycles over enough copies of the matrix to exceed the last-level
@@ -155,31 +156,55 @@ def gemv_rows(args, memcpy):
 
 
 def prefill_rows(args, rng):
-    """Time per call against M at one shape (all threads), beside dequantize + BLAS."""
-    try:   # the executor's BLAS prefill path, where present
+    """Time per call against M at one shape, per thread count: the fused kernels (what
+    the executor runs for every M) beside dequantize + BLAS (kernels.dequant, the
+    executor's prefill path before it was measured here) and, for float16 weights,
+    matmul_f16 beside np.dot on the weights cast to float32.
+
+    `+numba` columns time BLAS right after a parallel Numba kernel, as a prefill
+    alternates them (attention, norms): two thread pools on the same cores."""
+    from edgeinfer.kernels import matmul_f16
+    try:
         from edgeinfer.kernels.dequant import prefill_matmul
     except ImportError:
         prefill_matmul = None
     rows = []
     N, K = SHAPES[0]
-    numba.set_num_threads(max(args.threads))
-    for bits in args.bits:
-        packed, scales = _weights(N, K, bits, args.block_size, rng)[0]
-        for M in (1, 2, 4, 8, 16, 32, 64, 128, 512):
-            x = rng.standard_normal((M, K), dtype=np.float32)
-            paths = {"numba": lambda: matmul_nbits(x, packed, scales, bits, args.block_size)}
-            if int8_activations_supported(bits, args.block_size, K):
-                paths["numba_int8"] = lambda: matmul_nbits(x, packed, scales, bits,
-                                                           args.block_size, int8_activations=True)
-            if prefill_matmul is not None and M >= 16:
-                paths["dequant+blas"] = lambda: prefill_matmul(x, packed, scales, bits)
-            line = f"  int{bits} M={M:4d}"
-            for name, fn in paths.items():
-                t = _best([fn], 3 if M <= 64 else 1)
-                rows.append(dict(path=name, bits=bits, N=N, K=K, M=M, ms=t * 1e3,
-                                 gflops=2 * M * N * K / t / 1e9))
-                line += f" | {name} {t * 1e3:.1f} ms {2 * M * N * K / t / 1e9:.1f} GFLOP/s"
-            print(line, flush=True)
+    weights = {bits: _weights(N, K, bits, args.block_size, rng)[0] for bits in args.bits}
+    w16 = (rng.standard_normal((N, K), dtype=np.float32) * 0.02).astype(np.float16)
+    for threads in args.threads:
+        numba.set_num_threads(threads)
+        for kind in [f"int{b}" for b in args.bits] + ["f16"]:
+            for M in args.prefill_m:
+                x = rng.standard_normal((M, K), dtype=np.float32)
+                xs = x[:1]
+                if kind == "f16":
+                    ours = lambda: matmul_f16(x, w16)
+                    paths = {"numba": ours,
+                             "blas": lambda: np.dot(x, w16.T.astype(np.float32))}
+                    paths["blas+numba"] = lambda: (matmul_f16(xs, w16), np.dot(x, w16.T.astype(np.float32)))
+                else:
+                    bits = int(kind[3:])
+                    packed, scales = weights[bits]
+                    ours = lambda: matmul_nbits(x, packed, scales, bits, args.block_size)
+                    paths = {"numba": ours}
+                    if int8_activations_supported(bits, args.block_size, K):
+                        paths["numba_int8"] = lambda: matmul_nbits(x, packed, scales, bits, args.block_size,
+                                                                   int8_activations=True)
+                    if prefill_matmul is not None:
+                        paths["blas"] = lambda: prefill_matmul(x, packed, scales, bits)
+                        paths["blas+numba"] = lambda: (matmul_nbits(xs, packed, scales, bits, args.block_size),
+                                                       prefill_matmul(x, packed, scales, bits))
+                line = f"  {threads} thr {kind:4} M={M:4d}"
+                for name, fn in paths.items():
+                    t = _best([fn], 3 if M <= 64 else 2)
+                    if name == "blas+numba":   # less the M = 1 Numba call it starts with
+                        t -= _best([(lambda: matmul_f16(xs, w16)) if kind == "f16" else
+                                    (lambda: matmul_nbits(xs, packed, scales, bits, args.block_size))], 3)
+                    rows.append(dict(path=name, kind=kind, threads=threads, N=N, K=K, M=M, ms=t * 1e3,
+                                     gflops=2 * M * N * K / t / 1e9))
+                    line += f" | {name} {t * 1e3:7.1f} ms {2 * M * N * K / t / 1e9:5.1f} GF/s"
+                print(line, flush=True)
     return rows
 
 
@@ -220,7 +245,10 @@ def main(argv=None):
                     help="thread counts to measure (default: 1 and all cores)")
     ap.add_argument("--reps", type=int, default=20, help="rounds over the weight copies; best is kept")
     ap.add_argument("--no-ort", action="store_true", help="skip onnxruntime")
-    ap.add_argument("--prefill", action="store_true", help="also time M = 1 .. 512 (all threads)")
+    ap.add_argument("--prefill", action="store_true", help="also time M = 1 .. 512 (each thread count)")
+    ap.add_argument("--prefill-m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 512],
+                    help="rows M of the --prefill sweep")
+    ap.add_argument("--prefill-only", action="store_true", help="only the --prefill sweep (no GEMV tables)")
     ap.add_argument("--quick", action="store_true", help="int4 only, 5 rounds: a smoke run")
     args = ap.parse_args(argv)
     if args.quick:
@@ -230,17 +258,21 @@ def main(argv=None):
     memcpy = memcpy_bandwidth(reps=8)
     print(f"{_cpu_name()}, {os.cpu_count()} cores; numba {numba.__version__}, numpy {np.__version__}")
     print(f"memcpy bandwidth (numpy copy of 256 MiB, read + write): {memcpy:.1f} GB/s")
-    print(f"GEMV, M = 1, block {args.block_size}; weights streamed from DRAM "
-          f"({STREAM_BYTES >> 20} MiB of copies per round), best of {args.reps} rounds")
-    rows = gemv_rows(args, memcpy)
-    print_table(rows, "numba", "ort", "float32 activations (the default) vs onnxruntime "
+    if not args.prefill_only:
+        print(f"GEMV, M = 1, block {args.block_size}; weights streamed from DRAM "
+              f"({STREAM_BYTES >> 20} MiB of copies per round), best of {args.reps} rounds")
+    result = dict(memcpy_gbs=memcpy)
+    rows = [] if args.prefill_only else gemv_rows(args, memcpy)
+    if rows:
+        print_table(rows, "numba", "ort", "float32 activations (the default) vs onnxruntime "
                 "MatMulNBits accuracy_level=0")
     if any("numba_int8_ms" in r for r in rows):
         print_table(rows, "numba_int8", "ort_a4", "int8 activations (int8_activations=True) "
                     "vs onnxruntime MatMulNBits accuracy_level=4")
-    result = dict(memcpy_gbs=memcpy, gemv=rows)
-    if args.prefill:
-        print("\nM sweep (prefill / batches), all threads:")
+    result["gemv"] = rows
+    if args.prefill or args.prefill_only:
+        print(f"\nM sweep (prefill / batches), N x K = {SHAPES[0][0]} x {SHAPES[0][1]}, best-of times, "
+              "GF/s = 2 M N K / time:")
         result["prefill"] = prefill_rows(args, rng)
     if args.json:
         text = json.dumps(result, indent=2)

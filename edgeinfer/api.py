@@ -32,7 +32,11 @@ def load(path: str | os.PathLike | None = None, *, memory_budget=None, backend: 
         (default: the device profile's, else CPU); a missing one falls back with a warning.
     device: a device profile name or .toml path (edgeinfer devices): its execution providers
         and default memory budget become the defaults; None or "cpu": no profile.
-    options: RuntimeOptions fields (mode, window, threshold, direct_io, expert_policy, ...).
+    options: RuntimeOptions fields (mode, window, threshold, direct_io, expert_policy,
+        activations, ...). activations="int8" quantizes the activations of the int4/int8
+        matmuls to int8 per block (AVX512-VNNI; faster, slightly less exact; see
+        edgeinfer.plan.ACTIVATIONS); nodes or hosts without that path keep float32 with an
+        ActivationsWarning.
     """
     if backend not in BACKENDS:
         raise EdgeInferError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
@@ -66,6 +70,7 @@ def load(path: str | os.PathLike | None = None, *, memory_budget=None, backend: 
         from .executor.providers import resolve_providers
         from .plan import PLUGINS
         segments = build_segments(graph, manifest, const, backend=backend, plan=plan, threads=threads,
-                                  providers=resolve_providers(providers, profile), numba_ops=PLUGINS)
-    executor = Executor(graph, const, overrides=plan.overrides(const), segments=segments)
+                                  providers=resolve_providers(providers, profile), numba_ops=PLUGINS,
+                                  activations=opts.activations)
+    executor = Executor(graph, const, overrides=plan.overrides(const), segments=segments, options=opts)
     return Model(manifest, executor, tokenizer, resident_bytes=weights.nbytes, plan=plan, stats=stats)

@@ -259,7 +259,7 @@ def measure_dram_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
 
 
 def probe(directory: str | os.PathLike, *, chunk_sizes: Sequence[int] = DEFAULT_CHUNKS,
-          threads: int = 4, file_size: int = 256 << 20, seconds: float = 0.5,
+          threads: int = 16, file_size: int = 256 << 20, seconds: float = 0.5,
           dram_bytes: int = 256 << 20, progress: bool = True,
           name: str = "this-machine") -> DeviceProfile:
     """Measure this machine: flash read bandwidth per chunk size (O_DIRECT random

@@ -186,7 +186,8 @@ def format_table(res: dict) -> str:
             f"  device {dev['name']} [{dev['source']}]: DRAM {dev['dram_gbps']:.1f} GB/s, flash "
             f"{_flash_summary(dev)}",
             f"  prompt {cfg['prompt_tokens_used']} tokens, {cfg['new_tokens']} new, {cfg['runs']} runs per mode "
-            f"alternating; budget {_budget(cfg['memory_budget'])}; direct I/O; warm-up excluded",
+            f"alternating; budget {_budget(cfg['memory_budget'])}; direct I/O; warm-up excluded"
+            + (f"; {cfg['activations']} activations" if cfg.get("activations") else ""),
             f"  host {res['host']['cpus']} CPUs, load average {res['host']['load_avg_start']} at start, "
             f"{res['host']['load_avg_end']} at end (other work slows every mode alike: runs alternate)"]
     rows: list[tuple[str, ...]] = [("",) + tuple(names)]

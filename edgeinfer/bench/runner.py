@@ -53,6 +53,7 @@ class BenchConfig:
     warmup_tokens: int = 4
     threads: int | None = None
     window: int | None = None           # RuntimeOptions.window override
+    activations: str | None = None      # RuntimeOptions.activations override
     isolate: bool = True                # one process per mode
     progress: bool = True
 
@@ -146,6 +147,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     options = {"direct_io": True}
     if cfg.window is not None:
         options["window"] = cfg.window
+    if cfg.activations is not None:
+        options["activations"] = cfg.activations
     skipped = {}
     if cfg.modes is None:
         modes = []

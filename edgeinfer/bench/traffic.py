@@ -53,7 +53,7 @@ class ModelTraffic:
     resident_matmul_bytes: int = 0     # attention projections, lm_head: read whole per token
     per_token_bytes: int = 0           # embedding row, norms, rope rows
     kv_bytes_per_position: int = 0     # K and V of all layers for one cached position
-    predictor_bytes: int = 0           # low-rank predictors (float32 in memory)
+    predictor_bytes: int = 0           # low-rank predictors (float16, as stored)
     ffn: list[FFNLayer] = field(default_factory=list)
     moe: list[MoELayer] = field(default_factory=list)
     matmuls: list[tuple[int, int]] = field(default_factory=list)   # (weight bytes, bits) per matmul node
@@ -128,8 +128,8 @@ def model_traffic(manifest: Manifest, graph: Graph) -> ModelTraffic:
             t.ffn.append(FFNLayer(node.name, lay, sizes.get(ins[1], lay.ffn * lay.record_bytes),
                                   st.get("true_active"), st.get("predicted_active")))
             if len(ins) > 6 and ins[4]:
-                # fp16 on disk, float32 in memory (LowRankPredictor)
-                t.predictor_bytes += 2 * sum(sizes.get(i, 0) for i in ins[4:6]) + sizes.get(ins[6], 0)
+                # fp16 on disk and in memory (LowRankPredictor)
+                t.predictor_bytes += sum(sizes.get(i, 0) for i in ins[4:7])
         elif node.op_type == "MoE":
             t.moe_nodes += 1
             from ..moe.layout import ExpertLayout

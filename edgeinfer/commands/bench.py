@@ -50,6 +50,8 @@ def register(sub) -> None:
     p.add_argument("--warmup-tokens", type=int, default=4, help="tokens of warm-up per mode (default 4)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--window", type=int, default=None, help="neuron window in tokens (default: the runtime's)")
+    p.add_argument("--activations", default=None, choices=["float32", "int8"],
+                   help="activations of the int4/int8 matmuls (default: the runtime's, float32); see generate")
     p.add_argument("--in-process", action="store_true",
                    help="run every mode in this process (peak RSS then covers all modes loaded)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number as JSON ('-': stdout)")
@@ -100,6 +102,7 @@ def run(args) -> int:
     cfg = BenchConfig(model=args.model, modes=modes, memory_budget=budget, device=args.device,
                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
                       warmup_tokens=args.warmup_tokens, threads=args.threads, window=args.window,
+                      activations=args.activations,
                       isolate=not args.in_process, progress=not args.quiet)
     res = run_bench(cfg)
     text = format_table(res)

@@ -34,6 +34,9 @@ def register(sub) -> None:
                    help="onnxruntime execution providers for --backend ort/hybrid, comma-separated, preferred first "
                         "(default: the device profile's, else CPUExecutionProvider)")
     p.add_argument("--device", default=None, help="device profile name or .toml path (see edgeinfer devices list)")
+    p.add_argument("--activations", default="float32", choices=["float32", "int8"],
+                   help="activations of the int4/int8 matmuls: float32 (default) or int8 (quantized per block, "
+                        "AVX512-VNNI: faster, slightly less exact; unsupported nodes keep float32 with a warning)")
     p.add_argument("--stats", action="store_true", help="print timing to stderr")
     p.set_defaults(handler=run)
 
@@ -43,7 +46,9 @@ def run(args) -> int:
     from edgeinfer.errors import EdgeInferError
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     model = edgeinfer.load(args.model, memory_budget=args.memory_budget, threads=args.threads, verify=args.verify,
-                           backend=args.backend, providers=providers, device=args.device)
+                           backend=args.backend, providers=providers, device=args.device, mode=args.mode,
+                           window=args.window, threshold=args.threshold, direct_io=not args.no_direct_io,
+                           activations=args.activations)
     try:
         pieces = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,

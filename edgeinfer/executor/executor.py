@@ -2,13 +2,21 @@
 then runs the bound plan for each forward pass (prefill or one decode step)."""
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ModelFormatError
 from .graph import Graph
-from .ops import OPS
+from .ops import OPS, int8_unsupported
+
+log = logging.getLogger("edgeinfer.executor")
+
+
+class ActivationsWarning(UserWarning):
+    """activations="int8" was asked for, and some MatMulNBits nodes keep float32 activations."""
 
 
 @dataclass
@@ -19,13 +27,21 @@ class RunState:
 
 
 class Executor:
-    def __init__(self, graph: Graph, const, *, overrides: dict | None = None, segments=()):
+    def __init__(self, graph: Graph, const, *, overrides: dict | None = None, segments=(), options=None):
         """`const(name)` returns an initializer array (or None); `overrides` maps a node
         name to a ready callable (how streaming replaces a resident FFN node);
         `segments` are callables that each run several consecutive nodes (onnxruntime
         sessions, executor/ort_backend.py): `.nodes` (indices), `.inputs`, `.outputs`,
-        called fn(state, *inputs) -> a tuple of outputs; their nodes get no kernel."""
+        called fn(state, *inputs) -> a tuple of outputs; their nodes get no kernel.
+        `options`: the RuntimeOptions (default: RuntimeOptions())."""
+        if options is None:
+            from ..plan import RuntimeOptions
+            options = RuntimeOptions()
         self.graph = graph
+        self.options = options
+        # activations="int8": MatMulNBits node name -> why it keeps float32 (Numba nodes only;
+        # onnxruntime segments get accuracy_level 4, see ort_backend.build_segments)
+        self.int8_fallback: dict[str, str] = {}
         overrides = overrides or {}
         self.segments = list(segments)
         covered = {i: seg for seg in self.segments for i in seg.nodes}
@@ -44,10 +60,21 @@ class Executor:
                 if factory is None:
                     raise ModelFormatError(f"node {node.name}: op {node.domain or 'ai.onnx'}.{node.op_type} "
                                            "is not supported by the edgeinfer runtime")
-                fn = factory(node, const)
+                fn = factory(node, const, options) if getattr(factory, "takes_options", False) else factory(node, const)
+                if options.activations == "int8" and node.key == ("com.microsoft", "MatMulNBits"):
+                    reason = int8_unsupported(node)
+                    if reason is not None:
+                        self.int8_fallback[node.name] = reason
             self.plan.append((fn, node.inputs, node.outputs[0]))
             produced.update(node.outputs)
         self.consts = {name: const(name) for name in graph.external} | graph.inline
+        if self.int8_fallback:
+            reasons = sorted(set(self.int8_fallback.values()))
+            total = sum(1 for fn, _, _ in self.plan if hasattr(fn, "int8_activations"))
+            msg = (f"activations='int8': {len(self.int8_fallback)} of {total} MatMulNBits nodes keep float32 "
+                   f"activations ({next(iter(self.int8_fallback))}, ...): " + "; ".join(reasons))
+            log.warning(msg)
+            warnings.warn(msg, ActivationsWarning, stacklevel=3)
         self.head = self._find_head()
 
     def _find_head(self) -> int:

@@ -3,7 +3,12 @@ callable over numpy arrays, backed by the Numba kernels.
 
 A factory gets the node and a `const(name)` lookup for initializers, so weights
 are prepared once at load (reshaped, checked) and the per-token call is a
-straight kernel call. Every callable has the signature fn(state, *inputs).
+straight kernel call; factories registered with options=True also get the
+RuntimeOptions. Every callable has the signature fn(state, *inputs).
+
+Matmuls run the fused kernels (kernels/quant.py) for decode and prefill alike, up to
+kernels.dequant.PREFILL_ROWS rows; from there on (long prompts, float32 activations)
+chunked dequantization + numpy BLAS is faster (measurements in kernels/dequant.py).
 """
 from __future__ import annotations
 
@@ -13,14 +18,16 @@ import numpy as np
 from onnx import helper
 
 from .. import kernels
-from ..kernels.dequant import PREFILL_ROWS, prefill_matmul
 from ..errors import ModelFormatError
+from ..kernels import dequant
 
 OPS: dict[tuple[str, str], callable] = {}
 
 
-def op(domain: str, name: str):
+def op(domain: str, name: str, *, options: bool = False):
+    """Register a factory fn(node, const) -> callable; options=True: fn(node, const, options)."""
     def register(factory):
+        factory.takes_options = options
         OPS[(domain, name)] = factory
         return factory
     return register
@@ -77,23 +84,45 @@ def _layer_norm(node, const):
 
 
 # ---- com.microsoft ----------------------------------------------------------------------
-@op("com.microsoft", "MatMulNBits")
-def _matmul_nbits(node, const):
+def _nbits_attrs(node):
+    a = node.attrs
+    return int(a["bits"]), int(a["block_size"]), int(a["N"]), int(a["K"])
+
+
+def int8_unsupported(node) -> str | None:
+    """Why this MatMulNBits node cannot take int8 activations here (None: it can)."""
+    from ..kernels._simd import HAS_VNNI
+    from ..kernels.quant import int8_activations_supported
+
+    bits, block, _, k = _nbits_attrs(node)
+    if not HAS_VNNI:
+        return ("this CPU has no AVX512-VNNI (or NUMBA_CPU_NAME names another target), which the int8 "
+                "path needs")
+    if not int8_activations_supported(bits, block, -(-k // block) * block):
+        return (f"bits={bits}, block_size={block}, K={k}: the int8 path needs blocks of a power of 2 "
+                "of at least 16 bytes and K * bits / 8 a multiple of 64")
+    return None
+
+
+@op("com.microsoft", "MatMulNBits", options=True)
+def _matmul_nbits(node, const, options):
     if len(node.inputs) > 3 and any(node.inputs[3:]):
         raise ModelFormatError(f"node {node.name}: MatMulNBits with zero points or bias is not supported")
-    a = node.attrs
-    bits, block, n, k = int(a["bits"]), int(a["block_size"]), int(a["N"]), int(a["K"])
+    bits, block, n, k = _nbits_attrs(node)
     packed = _need(const, node.inputs[1], node)
     nb = -(-k // block)
     if packed.shape != (n, nb, block * bits // 8):
         raise ModelFormatError(f"node {node.name}: packed weight shape {packed.shape} does not match N/K/bits")
     scales = _need(const, node.inputs[2], node).reshape(n, nb)
+    # activations="int8" where this node supports it; the executor warns about the rest.
+    int8 = options.activations == "int8" and int8_unsupported(node) is None
 
     def run(state, x, _p, _s):
-        if x.shape[0] >= PREFILL_ROWS:
-            return prefill_matmul(x, packed, scales, bits)
-        return kernels.matmul_nbits(x, packed, scales, bits, block)
+        if not int8 and x.shape[0] >= dequant.PREFILL_ROWS:
+            return dequant.prefill_matmul(x, packed, scales, bits)
+        return kernels.matmul_nbits(x, packed, scales, bits, block, int8_activations=int8)
 
+    run.int8_activations = int8
     return run
 
 
@@ -103,8 +132,8 @@ def _matmul_f16(node, const):
     w = _need(const, node.inputs[1], node)
 
     def run(state, x, _w):
-        if x.shape[0] >= PREFILL_ROWS:
-            return np.dot(x, w.T.astype(np.float32))
+        if x.shape[0] >= dequant.PREFILL_ROWS:
+            return dequant.prefill_matmul_f16(x, w)
         return kernels.matmul_f16(x, w)
 
     return run

@@ -62,9 +62,10 @@ FOLD_LIMIT = 256 << 20
 
 # ---- building the sessions ---------------------------------------------------------------
 def build_segments(graph: Graph, manifest, const, *, backend: str, plan, providers, threads=None,
-                   numba_ops=()) -> list["OrtSegment"]:
+                   numba_ops=(), activations: str = "float32") -> list["OrtSegment"]:
     """Assign nodes to backends and return the onnxruntime segments, ready to hand to
-    Executor(segments=...). `numba_ops`: op keys that stay in Numba in hybrid mode."""
+    Executor(segments=...). `numba_ops`: op keys that stay in Numba in hybrid mode.
+    activations="int8" (RuntimeOptions.activations): every MatMulNBits at accuracy_level 4."""
     model = onnx.load(str(manifest.path(manifest.graph)), load_external_data=False)
     with_body = {(f.domain, f.name) for f in model.functions}
     streamed = {n.name for n in plan.streamed} if plan is not None else set()
@@ -75,7 +76,8 @@ def build_segments(graph: Graph, manifest, const, *, backend: str, plan, provide
     assignment = assign(graph, backend, numba_ops=numba_ops, numba_nodes=streamed, ort_ops=with_body)
     segments = [s for s in partition(graph, assignment) if s.backend == ORT]
     runner = OrtRunner(model, graph, manifest, const, providers=providers, threads=threads,
-                       spinning=len(segments) <= 1 and all(a == ORT for a in assignment))
+                       spinning=len(segments) <= 1 and all(a == ORT for a in assignment),
+                       accuracy_level={4: 4, 8: 4} if activations == "int8" else dict(ACCURACY_LEVEL))
     head, types = head_input(graph), tensor_types(graph, manifest)
     return [runner.segment(s, types, head) for s in segments]
 
@@ -113,8 +115,10 @@ class _Past:
 class OrtRunner:
     """The sessions of one executor: shared options, providers, and the per-cache KV state."""
 
-    def __init__(self, model: onnx.ModelProto, graph: Graph, manifest, const, *, providers, threads, spinning):
+    def __init__(self, model: onnx.ModelProto, graph: Graph, manifest, const, *, providers, threads, spinning,
+                 accuracy_level=None):
         self.model, self.graph, self.manifest, self.const = model, graph, manifest, const
+        self.accuracy_level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level   # by weight bits
         self.providers = list(providers)
         self.device = device_of(self.providers)
         self.threads = threads
@@ -176,7 +180,7 @@ class OrtRunner:
         n.CopyFrom(node)
         if (n.domain, n.op_type) == ("com.microsoft", "MatMulNBits"):
             attrs = {a.name: a for a in n.attribute}
-            level = ACCURACY_LEVEL.get(attrs["bits"].i if "bits" in attrs else 4)
+            level = self.accuracy_level.get(attrs["bits"].i if "bits" in attrs else 4)
             if level is not None and "accuracy_level" not in attrs:
                 n.attribute.append(helper.make_attribute("accuracy_level", level))
         return n

@@ -14,7 +14,8 @@ in registers and never written out as float32:
   while the weights stream past (_m_block), i.e. M / block passes over the weights.
 No BLAS: with Numba's OpenMP threads just released, an OpenBLAS call on the same cores
 was measured 100x slower than alone (the two pools fight), and a fused kernel needs
-no dequantized copy of the weights.
+no dequantized copy of the weights. (From kernels.dequant.PREFILL_ROWS rows on, long
+prompts, the executor does use chunked dequantization + BLAS: measured faster there.)
 
 Threads: parallel over output rows with numba.get_num_threads() (numba.set_num_threads).
 Every output element is computed by one thread in a fixed order, so results do not

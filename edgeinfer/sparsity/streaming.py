@@ -46,6 +46,21 @@ def minimum_bytes(node, manifest, options, mode) -> int:
     return min(lay.ffn, MIN_NEURONS) * lay.record_bytes
 
 
+def demand(node, manifest, mode) -> tuple[float, int] | None:
+    """(bytes of the neurons a token is expected to need, bytes of the whole FFN): the
+    export's per-layer predicted (streaming) or true (oracle) active fraction; the plan
+    splits the budget by it. Naive mode holds one scratch buffer: no demand."""
+    lay = _layout(node)
+    full = lay.ffn * lay.record_bytes
+    if mode == "naive":
+        return None
+    stats = {s.get("layer"): s for s in manifest.raw.get("predictors") or []}.get(node.name) or {}
+    frac = stats.get("true_active" if mode == "oracle" else "predicted_active")
+    if frac is None:
+        return None
+    return float(frac) * full, full
+
+
 def make(node, const, ctx):
     lay = _layout(node)
     entry = ctx.manifest.tensors.get(node.inputs[1])
