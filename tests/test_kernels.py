@@ -340,7 +340,7 @@ def _ffn_reference(x, parts, rows, gated, relu, up_bias):
 
 @pytest.mark.parametrize("bits,gs", [(4, 32), (4, 64), (4, 16), (8, 32), (8, 128), (16, 32)])
 @pytest.mark.parametrize("gated,activation", [(True, "relu"), (True, "silu"), (False, "relu")])
-@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("M", [1, 3, 70])   # 70: the sparse prefill route, in blocks of 64
 @pytest.mark.parametrize("simd", [True, False])
 def test_bundled_ffn_matches_numpy(bits, gs, gated, activation, M, simd, monkeypatch):
     """The fused kernel (SIMD intrinsics where the layout allows, else the plain loop)

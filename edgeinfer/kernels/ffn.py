@@ -309,8 +309,11 @@ def bundled_ffn(x: np.ndarray, records: np.ndarray, layout, activation: str, row
         rows = np.arange(records.shape[0], dtype=np.int64)
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     nids = rows if neuron_ids is None else np.ascontiguousarray(neuron_ids, dtype=np.int64)
-    if x.shape[0] >= PREFILL_ROWS:
+    if x.shape[0] >= PREFILL_ROWS and not (activation == "relu" and _simd_steps_log2(layout) >= 0):
         return _dense_ffn(x, records, layout, activation, rows, nids, up_bias)
+    if x.shape[0] > SPARSE_BLOCK_ROWS:       # bounded per-chunk accumulators
+        return np.concatenate([bundled_ffn(x[s:s + SPARSE_BLOCK_ROWS], records, layout, activation, rows,
+                                           nids, up_bias) for s in range(0, x.shape[0], SPARSE_BLOCK_ROWS)])
     has_bias = up_bias is not None
     ub = up_bias if has_bias else np.zeros(1, np.float32)
     relu = activation == "relu"
@@ -373,7 +376,13 @@ def decode_rows(records: np.ndarray, layout, rows: np.ndarray) -> np.ndarray:
                          layout.group_size, layout.scale_offset, layout.bits, HALF)
 
 
-PREFILL_ROWS = 8   # from this many tokens on, decode the records once and use BLAS
+# From this many tokens on, a non-ReLU FFN decodes the records once and uses BLAS. A ReLU
+# FFN stays on the sparse kernel for any number of tokens: it skips the up and down
+# rows of every (token, neuron) whose gate is zero (80-90% of them), decodes nothing,
+# and does not contend with OpenBLAS's threads. Measured: 128-token prefill of the
+# 7b-wide-sparse synthetic (8 layers, streaming at 432 MiB) 8.8 s with BLAS, 5.6 s sparse.
+PREFILL_ROWS = 8
+SPARSE_BLOCK_ROWS = 64   # tokens per sparse-kernel call (its accumulators are per chunk x token)
 
 
 DECODE_CHUNK_BYTES = 32 << 20   # float32 decoded at a time: prefill memory stays bounded
