@@ -268,3 +268,16 @@ def test_corrupted_neuron_record_is_caught_when_streamed(streamed_folder, tmp_pa
     with pytest.raises(ChecksumError, match=rf"ffn.bin: checksum mismatch in neuron {neuron} of layers.1.ffn.bundle "
                                             rf"at offset {t['offset'] + neuron * record}"):
         model.generate(PROMPT, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", 1), ("vocab_size", 4), ("num_kv_heads", 1), ("ffn_dim", 64)])
+def test_manifest_config_must_match_the_graph(exported, tmp_path, field, value):
+    """A valid-looking but wrong size in the manifest (found by the fuzz test above:
+    num_layers=1 sized the KV cache for one layer) fails at load, naming the field."""
+    folder = tmp_path / "m"
+    shutil.copytree(exported("opt-relu-7m", "int4"), folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["config"][field] = value
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelFormatError, match=f"manifest config {field}={value}"):
+        edgeinfer.load(folder, verify="none")

@@ -6,6 +6,7 @@ the runtime outside the model folder or at bytes the manifest did not checksum.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,9 @@ class Graph:
     opsets: dict[str, int]
 
 
+_PAST_KEY = re.compile(r"past_key_values\.(\d+)\.key$")
+
+
 def load_graph(manifest: Manifest) -> Graph:
     path = manifest.path(manifest.graph)
     try:
@@ -72,5 +76,27 @@ def load_graph(manifest: Manifest) -> Graph:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
         nodes.append(Node(n.name, n.op_type, n.domain, list(n.input), list(n.output), attrs))
+    _check_config(manifest, g, nodes, path)
     return Graph(nodes=nodes, inputs=[i.name for i in g.input], outputs=[o.name for o in g.output],
                  external=external, inline=inline, opsets={o.domain: o.version for o in model.opset_import})
+
+
+def _check_config(manifest: Manifest, g, nodes: list[Node], path) -> None:
+    """The manifest's config sizes the KV cache and checks token ids: it must describe
+    the graph it comes with (an edited or mismatched manifest fails here, clearly)."""
+    c = manifest.config
+    facts = {"num_layers": sum(1 for i in g.input if _PAST_KEY.match(i.name))}
+    for o in g.output:
+        dims = o.type.tensor_type.shape.dim
+        if o.name == "logits" and dims and dims[-1].HasField("dim_value"):
+            facts["vocab_size"] = dims[-1].dim_value
+    for n in nodes:
+        if n.op_type == "Attention" and n.domain == "edgeinfer":
+            facts.update(num_heads=n.attrs.get("num_heads"), num_kv_heads=n.attrs.get("num_kv_heads"),
+                         head_dim=n.attrs.get("head_dim"))
+        elif n.op_type == "BundledFFN":
+            facts.update(hidden_size=n.attrs.get("hidden"), ffn_dim=n.attrs.get("ffn"))
+    for field, actual in facts.items():
+        if actual is not None and getattr(c, field, actual) != actual:
+            raise ModelFormatError(f"{manifest.folder}: manifest config {field}={getattr(c, field)!r} does not match "
+                                   f"{path.name} ({actual}); the manifest was edited or belongs to another export")
