@@ -87,6 +87,22 @@ def _load_vec(builder, base, offset, ty, align):
     return builder.load(builder.bitcast(builder.gep(base, [offset]), ty.as_pointer()), align=align)
 
 
+def code_fields(builder, base, offset, P, bits):
+    """The P fields of the 16 bytes at base[offset] as P <16 x float> (codes as stored,
+    unsigned): field t of byte j is value P*j + t of the row."""
+    codes = builder.zext(_load_vec(builder, base, offset, _VI8, 1), _VI32)
+    fmask = ir.Constant(_VI32, [(1 << bits) - 1] * W)
+    out = []
+    for t in range(P):
+        f = codes
+        if t:
+            f = builder.lshr(f, ir.Constant(_VI32, [bits * t] * W))
+        if t < P - 1:
+            f = builder.and_(f, fmask)
+        out.append(builder.sitofp(f, _VF))
+    return out
+
+
 def _block_correction(builder, srows, crows, b0, b1):
     """[[sum over blocks b0..b1 of s[b] * corr[b] for corr in crows] for s in srows]:
     the zero point's contribution, once per block instead of once per element."""
@@ -147,22 +163,13 @@ def _make_qdot_f32(R, Mt, U):
             zero = ir.Constant(_VF, [0.0] * W)
             acc = [[[cgutils.alloca_once_value(builder, zero) for _ in range(Mt)]
                     for _ in range(R)] for _ in range(U)]
-            fmask = ir.Constant(_VI32, [(1 << bits) - 1] * W)
 
             def step(c, u):
                 g = builder.mul(c, _i64(W))
                 xv = [[_load_vec(builder, xrow[i][t], g, _VF, 4) for t in range(P)]
                       for i in range(Mt)]
                 for r in range(R):
-                    codes = builder.zext(_load_vec(builder, prow[r], g, _VI8, 1), _VI32)
-                    fields = []
-                    for t in range(P):
-                        f = codes
-                        if t:
-                            f = builder.lshr(f, ir.Constant(_VI32, [bits * t] * W))
-                        if t < P - 1:
-                            f = builder.and_(f, fmask)
-                        fields.append(builder.sitofp(f, _VF))
+                    fields = code_fields(builder, prow[r], g, P, bits)
                     sv = _step_scales(builder, srow[r], c, sh, two_blocks)
                     for i in range(Mt):
                         d = builder.fmul(fields[0], xv[i][0], flags=_FM)
@@ -236,7 +243,6 @@ def _make_qgemm(R, Mt):
             xrow = [[_row(builder, a, builder.add(m, _i64(i))) for a in xarr] for i in range(Mt)]
             zero = ir.Constant(_VF, [0.0] * W)
             acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(Mt)] for _ in range(R)]
-            fmask = ir.Constant(_VI32, [(1 << bits) - 1] * W)
             negzp = ir.Constant(_VF, [-float(1 << (bits - 1))] * W)
             with cgutils.for_range(builder, c1, start=c0) as lp:
                 c = lp.index
@@ -245,16 +251,7 @@ def _make_qgemm(R, Mt):
                 for r in range(R):
                     sv = _step_scales(builder, srow[r], c, sh, two_blocks)
                     zv = builder.fmul(sv, negzp, flags=_FM)
-                    codes = builder.zext(_load_vec(builder, prow[r], g, _VI8, 1), _VI32)
-                    fields = []
-                    for t in range(P):
-                        f = codes
-                        if t:
-                            f = builder.lshr(f, ir.Constant(_VI32, [bits * t] * W))
-                        if t < P - 1:
-                            f = builder.and_(f, fmask)
-                        fields.append(_fma(builder, builder.sitofp(f, _VF), sv, zv))
-                    wv.append(fields)
+                    wv.append([_fma(builder, f, sv, zv) for f in code_fields(builder, prow[r], g, P, bits)])
                 for i in range(Mt):
                     xv = [_load_vec(builder, xrow[i][t], g, _VF, 4) for t in range(P)]
                     for r in range(R):

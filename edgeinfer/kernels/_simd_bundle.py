@@ -19,9 +19,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._simd import _FM, _F32, _VF, _VI8, _VI32, _VI16, _VH, W, _fma, _hsum, _i64, _load_vec, _splat
+from ._simd import _FM, _F32, _I16, _VF, _VI16, _VH, W, _fma, _hsum, _i64, _load_vec, _splat, code_fields
 
-_I16 = ir.IntType(16)
 
 
 def _rec_ptr(builder, arr, row):
@@ -48,21 +47,7 @@ def _halves_at(builder, rec, byte_off):
     return builder.fpext(builder.bitcast(builder.load(p, align=1), _VH), _VF)
 
 
-def _fields(builder, rec, byte_off, P, bits):
-    codes = builder.zext(_load_vec(builder, rec, byte_off, _VI8, 1), _VI32)
-    fmask = ir.Constant(_VI32, [(1 << bits) - 1] * W)
-    out = []
-    for t in range(P):
-        f = codes
-        if t:
-            f = builder.lshr(f, ir.Constant(_VI32, [bits * t] * W))
-        if t < P - 1:
-            f = builder.and_(f, fmask)
-        out.append(builder.sitofp(f, _VF))
-    return out
-
-
-def _blocks_dot(builder, rec, soff, vals, nblocks, scale=None):
+def _blocks_dot(builder, rec, soff, vals, nblocks):
     """sum over blocks b of half(rec[soff + 2b]) * vals[b] (vals float32*)."""
     acc = cgutils.alloca_once_value(builder, ir.Constant(_VF, [0.0] * W))
     tail = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
@@ -101,7 +86,7 @@ def _make_bdot(bits, U=2):
 
             def step(c, u):
                 g = builder.mul(c, _i64(W))
-                f = _fields(builder, codes, g, P, bits)
+                f = code_fields(builder, codes, g, P, bits)
                 d = builder.fmul(f[0], _load_vec(builder, xs[0], g, _VF, 4), flags=_FM)
                 for t in range(1, P):
                     d = _fma(builder, f[t], _load_vec(builder, xs[t], g, _VF, 4), d)
@@ -151,7 +136,7 @@ def _make_baxpy(bits):
                 g = builder.mul(c, _i64(W))
                 sc = _half_at(builder, rec, builder.add(soff, builder.shl(builder.lshr(c, sh), _i64(1))))
                 s = _splat(builder, builder.fmul(sc, h, flags=_FM), _VF)
-                f = _fields(builder, codes, g, P, bits)
+                f = code_fields(builder, codes, g, P, bits)
                 for t in range(P):
                     p = builder.bitcast(builder.gep(ys[t], [g]), _VF.as_pointer())
                     builder.store(_fma(builder, f[t], s, builder.load(p, align=4)), p, align=4)
