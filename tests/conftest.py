@@ -59,3 +59,16 @@ def hf_model():
         return cache[name]
 
     return get
+
+
+def ort_logits(folder, ids, cfg):
+    """Logits of model.onnx run by plain onnxruntime (CPU provider) from an empty cache."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.array([ids], np.int64), "position_ids": np.arange(len(ids))[None]}
+    for i in range(cfg.num_layers):
+        for kv in ("key", "value"):
+            feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+    return sess.run(["logits"], feed)[0][0]

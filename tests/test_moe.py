@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import edgeinfer
-from conftest import MODELS
+from conftest import MODELS, ort_logits
 from edgeinfer.errors import BudgetError, EdgeInferError
 from edgeinfer.eval import perplexity
 from edgeinfer.manifest import read_manifest
@@ -102,23 +102,12 @@ def test_qwen2_moe_matches_transformers(qwen2_moe):
     _check_parity(model, _hf(ckpt), "qwen2-moe")
 
 
-def _ort_logits(folder, ids, cfg):
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    feed = {"input_ids": np.array([ids], np.int64), "position_ids": np.arange(len(ids))[None]}
-    for i in range(cfg.num_layers):
-        for kv in ("key", "value"):
-            feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
-    return sess.run(["logits"], feed)[0][0]
-
-
 def test_onnxruntime_runs_the_moe_function_body(mixtral_mixed, qwen2_moe):
     """Plain onnxruntime runs the same folders through the MoE function body (standard ops)."""
     for folder in (mixtral_mixed, qwen2_moe[1]):
         model = edgeinfer.load(folder, threads=THREADS)
         ids = model.tokenizer.encode(PROMPTS[1])
-        diff = np.abs(model.logits(ids) - _ort_logits(folder, ids, model.config)).max()
+        diff = np.abs(model.logits(ids) - ort_logits(folder, ids, model.config)).max()
         print(f"{folder.name}: edgeinfer vs onnxruntime max |logit diff| {diff:.2e}")
         assert diff < 2e-3
 

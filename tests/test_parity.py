@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import edgeinfer
-from conftest import DENSE
+from conftest import DENSE, ort_logits
 
 PROMPTS = ["Once upon a time", "The king said", "In the beginning of the war, the", "ROMEO:\nWhat light"]
 # float16 export of float16/bfloat16 checkpoints: the weights are exact or rounded
@@ -47,17 +47,6 @@ def test_greedy_32_tokens_match_transformers(name, exported, hf_model):
         assert got == want[:len(got)] and (len(got) == 32 or model.last_completion.finish_reason == "eos")
 
 
-def _ort_logits(folder, ids, cfg):
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    feed = {"input_ids": np.array([ids], np.int64), "position_ids": np.arange(len(ids))[None]}
-    for i in range(cfg.num_layers):
-        for kv in ("key", "value"):
-            feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
-    return sess.run(["logits"], feed)[0][0]
-
-
 @pytest.mark.parametrize("quant", ["f16", "int8", "int4"])
 @pytest.mark.parametrize("name", DENSE)
 def test_onnxruntime_runs_the_same_folder(name, quant, exported):
@@ -67,7 +56,7 @@ def test_onnxruntime_runs_the_same_folder(name, quant, exported):
     model = edgeinfer.load(folder)
     ids = model.tokenizer.encode(PROMPTS[2])
     ours = model.logits(ids)
-    theirs = _ort_logits(folder, ids, model.config)
+    theirs = ort_logits(folder, ids, model.config)
     diff = np.abs(ours - theirs).max()
     print(f"{name} {quant}: edgeinfer vs onnxruntime max |logit diff| {diff:.2e}")
     # Same weights, different kernels (ORT may quantize activations for int4 on some

@@ -36,31 +36,20 @@ def _scale(rec, pos, half):
 def _q_dot(rec, off, so, xe, xo, xsum, ng, gs, bits, half):
     """dot(dequantized vector at rec[off:], x) using even/odd split x (4 bits) or x (8 bits).
 
-    float32 throughout (a float64 accumulator halves the SIMD width); for the usual
-    group of 32 the inner loop has a literal trip count of 16 bytes, which LLVM
-    unrolls and vectorises (one 16-lane vector of codes per group)."""
+    float32 throughout. The plain loop: it serves the layouts the SIMD intrinsics
+    (_simd_bundle) do not cover (blocks of fewer than 16 bytes), and tests."""
     zp = np.float32(2 ** (bits - 1))
     total = np.float32(0.0)
     if bits == 4:
         hb = gs // 2
-        if hb == 16:
-            for k in range(ng):
-                base = off + k * 16
-                xb = k * 16
-                acc = np.float32(0.0)
-                for j in range(16):
-                    byte = np.int32(rec[base + j])
-                    acc += np.float32(byte & 15) * xe[xb + j] + np.float32(byte >> 4) * xo[xb + j]
-                total += _scale(rec, so + 2 * k, half) * (acc - zp * xsum[k])
-        else:
-            for k in range(ng):
-                acc = np.float32(0.0)
-                base = off + k * hb
-                xb = k * hb
-                for j in range(hb):
-                    byte = np.int32(rec[base + j])
-                    acc += np.float32(byte & 15) * xe[xb + j] + np.float32(byte >> 4) * xo[xb + j]
-                total += _scale(rec, so + 2 * k, half) * (acc - zp * xsum[k])
+        for k in range(ng):
+            acc = np.float32(0.0)
+            base = off + k * hb
+            xb = k * hb
+            for j in range(hb):
+                byte = np.int32(rec[base + j])
+                acc += np.float32(byte & 15) * xe[xb + j] + np.float32(byte >> 4) * xo[xb + j]
+            total += _scale(rec, so + 2 * k, half) * (acc - zp * xsum[k])
     else:
         for k in range(ng):
             acc = np.float32(0.0)
@@ -79,26 +68,15 @@ def _q_axpy(rec, off, so, h, ye, yo, ng, gs, bits, half):
     h = np.float32(h)
     if bits == 4:
         hb = gs // 2
-        if hb == 16:
-            for k in range(ng):
-                s = h * _scale(rec, so + 2 * k, half)
-                c = s * zp
-                base = off + k * 16
-                yb = k * 16
-                for j in range(16):
-                    byte = np.int32(rec[base + j])
-                    ye[yb + j] += s * np.float32(byte & 15) - c
-                    yo[yb + j] += s * np.float32(byte >> 4) - c
-        else:
-            for k in range(ng):
-                s = h * _scale(rec, so + 2 * k, half)
-                c = s * zp
-                base = off + k * hb
-                yb = k * hb
-                for j in range(hb):
-                    byte = np.int32(rec[base + j])
-                    ye[yb + j] += s * np.float32(byte & 15) - c
-                    yo[yb + j] += s * np.float32(byte >> 4) - c
+        for k in range(ng):
+            s = h * _scale(rec, so + 2 * k, half)
+            c = s * zp
+            base = off + k * hb
+            yb = k * hb
+            for j in range(hb):
+                byte = np.int32(rec[base + j])
+                ye[yb + j] += s * np.float32(byte & 15) - c
+                yo[yb + j] += s * np.float32(byte >> 4) - c
     else:
         for k in range(ng):
             s = h * _scale(rec, so + 2 * k, half)
