@@ -46,7 +46,9 @@ class RuntimeOptions:
     threshold: float | None = None  # override the predictors' calibrated thresholds (probability)
     direct_io: bool = True        # bypass the page cache (O_DIRECT / F_NOCACHE)
     verify_reads: bool = True     # crc32 of every streamed neuron record as it arrives
-    io_threads: int = 16          # reads in flight per batch: random 12 KiB O_DIRECT reads here ran 0.35 GB/s on 4, 0.49 on 16
+    io_threads: int = 16          # pread threads per batch where io_uring is unavailable
+    io_depth: int = 128           # io_uring reads in flight per batch (0: threads). Random 8 KiB O_DIRECT
+                                  # reads here: 49k/s on 16 threads, 59k/s at depth 64, 67k/s at 128
     expert_policy: str = "hobbit"  # MoE cache eviction: "lru" or "hobbit" (recency, frequency, precision)
     prefetch: bool = True          # MoE: start next layer's likely experts while this layer computes
     expert_low_threshold: float = 0.8  # MoE: a miss whose gate weight is below this loads the low-precision copy
@@ -66,6 +68,8 @@ class RuntimeOptions:
             raise EdgeInferError(f"unknown expert policy {self.expert_policy!r}; choose lru or hobbit")
         if not 0.0 <= float(self.expert_low_threshold) <= 1.0:
             raise EdgeInferError("expert_low_threshold must be in [0, 1]")
+        if not (self.io_threads >= 1 and self.io_depth >= 0):
+            raise EdgeInferError("io_threads must be >= 1 and io_depth >= 0")
         if self.activations not in ACTIVATIONS:
             raise EdgeInferError(f"unknown activations {self.activations!r}; choose one of {', '.join(ACTIVATIONS)}")
 
@@ -87,7 +91,8 @@ class StreamContext:
         f = self.files.get(rel)
         if f is None:
             f = self.files[rel] = WeightFile(self.manifest.path(rel), direct=self.options.direct_io,
-                                             stats=self.stats.io, threads=self.options.io_threads)
+                                             stats=self.stats.io, threads=self.options.io_threads,
+                                             queue_depth=self.options.io_depth)
         return f
 
 

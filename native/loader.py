@@ -27,7 +27,7 @@ import numpy as np
 
 log = logging.getLogger("edgeinfer.native")
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 SOURCE = "fastread.c"
 CFLAGS = ["-O2", "-shared", "-fPIC", "-pthread"]
 
@@ -36,7 +36,8 @@ _u64p = np.ctypeslib.ndpointer(dtype=np.uint64, flags="C_CONTIGUOUS")
 
 
 class FastRead:
-    """The loaded helper: batched pread into given addresses, batched memcpy."""
+    """The loaded helper: batched reads into given addresses (pread on threads, or an
+    io_uring queue where the kernel has one), batched memcpy."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -44,6 +45,13 @@ class FastRead:
         lib.ei_pread_batch.restype = ctypes.c_int
         lib.ei_pread_batch.argtypes = [ctypes.c_int, ctypes.c_int64, _i64p, _i64p, _u64p,
                                        ctypes.c_int64, ctypes.c_int, _i64p, _i64p]
+        lib.ei_ring_open.restype = ctypes.c_void_p
+        lib.ei_ring_open.argtypes = [ctypes.c_uint]
+        lib.ei_ring_close.restype = None
+        lib.ei_ring_close.argtypes = [ctypes.c_void_p]
+        lib.ei_ring_batch.restype = ctypes.c_int
+        lib.ei_ring_batch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, _i64p, _i64p,
+                                      _u64p, ctypes.c_int64, _i64p, _i64p]
         lib.ei_copy_batch.restype = None
         lib.ei_copy_batch.argtypes = [ctypes.c_int64, _u64p, _u64p, _i64p]
 
@@ -60,6 +68,27 @@ class FastRead:
         self._lib.ei_pread_batch(fd, n, offsets, lengths, dests, align, nthreads,
                                  status, calls)
         return status, calls
+
+    def ring_open(self, entries: int) -> int | None:
+        """An io_uring of `entries` reads in flight (a handle), or None where io_uring is
+        missing or refused. One ring serves one thread at a time."""
+        return self._lib.ei_ring_open(int(entries)) or None
+
+    def ring_close(self, ring: int) -> None:
+        self._lib.ei_ring_close(ring)
+
+    def ring_batch(self, ring: int, fd: int, offsets: np.ndarray, lengths: np.ndarray,
+                   dests: np.ndarray, align: int):
+        """As pread_batch, through `ring`: (rc, status, calls); rc < 0 (-errno) means
+        io_uring itself failed and the batch must be redone another way."""
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        dests = np.ascontiguousarray(dests, dtype=np.uint64)
+        n = len(offsets)
+        status = np.zeros(n, dtype=np.int64)
+        calls = np.zeros(n, dtype=np.int64)
+        rc = self._lib.ei_ring_batch(ring, fd, n, offsets, lengths, dests, align, status, calls)
+        return rc, status, calls
 
     def copy_batch(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray) -> None:
         self._lib.ei_copy_batch(len(src), np.ascontiguousarray(src, dtype=np.uint64),

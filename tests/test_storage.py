@@ -1,6 +1,7 @@
 """Storage layer: exact bytes on every path, coalescing, faults, checksums."""
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 import sys
@@ -95,6 +96,70 @@ def test_native_and_python_paths_give_identical_bytes(weights, direct):
     np.testing.assert_array_equal(fast.starts, slow.starts)
     expect = np.concatenate([data[o:o + n] for o, n in reqs])
     np.testing.assert_array_equal(fast.data, expect)
+
+
+def _have_uring() -> bool:
+    fr = loader.load_fastread()
+    ring = fr.ring_open(4) if fr is not None else None
+    if ring is not None:
+        fr.ring_close(ring)
+    return ring is not None
+
+
+HAVE_URING = HAVE_NATIVE and _have_uring()
+
+
+@pytest.mark.skipif(not HAVE_URING, reason="no io_uring on this kernel (or no C compiler)")
+@pytest.mark.parametrize("direct", [True, False])
+def test_io_uring_reads_match_pread_threads(weights, direct):
+    """A shallow ring (4 in flight) over many small pieces: its refill and completion
+    handling, the partial last block and scattered destinations give the bytes the
+    threaded pread loop gives."""
+    path, data = weights
+    rng = np.random.default_rng(5)
+    reqs = random_requests(rng, 700, SIZE, max_len=9000)
+    reqs = np.concatenate([reqs, [[SIZE - 100, 100], [SIZE - 4097, 4097]]])
+    with WeightFile(path, direct=direct, queue_depth=4, max_read=8192) as ring_f, \
+            WeightFile(path, direct=direct, queue_depth=0, threads=3) as pread_f:
+        ring = ring_f.read_batch(reqs)
+        assert ring_f._rings, "the batch did not go through io_uring"
+        plain = pread_f.read_batch(reqs)
+        assert not pread_f._rings
+    np.testing.assert_array_equal(ring.data, plain.data)
+    expect = np.concatenate([data[o:o + n] for o, n in reqs])
+    np.testing.assert_array_equal(ring.data, expect)
+
+
+@pytest.mark.skipif(not HAVE_URING, reason="no io_uring on this kernel (or no C compiler)")
+def test_io_uring_one_ring_per_thread(weights):
+    path, data = weights
+    with WeightFile(path, queue_depth=16) as wf:
+        def work(seed):
+            reqs = random_requests(np.random.default_rng(seed), 200, SIZE, max_len=5000)
+            got = wf.read_batch(reqs, max_gap=-1)
+            return all(np.array_equal(got[i], data[o:o + n]) for i, (o, n) in enumerate(reqs))
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            assert all(pool.map(work, range(12)))
+        assert 1 < len(wf._rings) <= 4          # the main thread's is not made; 3 workers'
+    assert not wf._rings                        # closed with the file
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+def test_io_uring_refused_falls_back_to_threads(weights, monkeypatch):
+    """A kernel that opens rings but fails io_uring_enter (seccomp, say): the batch is
+    redone with pread threads, the bytes are right, and later batches skip the ring."""
+    path, data = weights
+    fr = loader.load_fastread()
+    monkeypatch.setattr(type(fr), "ring_open", lambda self, entries: 12345)
+    monkeypatch.setattr(type(fr), "ring_close", lambda self, ring: None)
+    monkeypatch.setattr(type(fr), "ring_batch",
+                        lambda self, *a: (-38, np.zeros(0, np.int64), np.zeros(0, np.int64)))
+    reqs = random_requests(np.random.default_rng(6), 50, SIZE)
+    with WeightFile(path, queue_depth=8) as wf:
+        got = wf.read_batch(reqs, max_gap=-1)
+        assert wf.queue_depth == 0
+        for i, (o, n) in enumerate(reqs):
+            np.testing.assert_array_equal(got[i], data[o:o + n])
 
 
 @pytest.mark.parametrize("direct,native", MODES)

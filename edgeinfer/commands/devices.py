@@ -38,7 +38,7 @@ def register(subparsers) -> None:
                    help="folder on the storage that will hold models (default: .)")
     p.add_argument("--quick", action="store_true",
                    help="small test file and short timings (a few seconds, noisier)")
-    p.add_argument("--threads", type=int, default=16, help="reads in flight (default: 16, as the runtime's io_threads)")
+    p.add_argument("--threads", type=int, default=16, help="pread threads where io_uring is unavailable (default: 16, as the runtime's io_threads)")
     p.add_argument("--name", help="profile name (default: the output file's stem, or "
                                   "this-machine)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")

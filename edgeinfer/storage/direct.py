@@ -9,7 +9,10 @@ posix_fadvise(DONTNEED) after each batch, with one warning saying why.
 
 A batch (`read_batch`) is one token's reads for one layer: sorted, coalesced,
 split over threads (os.preadv releases the GIL), or handed whole to the
-native C loop (`native/fastread.c`), which pays no Python cost per read.
+native C loop (`native/fastread.c`), which pays no Python cost per read: an
+io_uring keeping `queue_depth` reads in flight from the calling thread (small
+random reads are latency-bound; more in flight, more per second), else pread on
+`threads` threads.
 
 Scatter API: the caller may pass its own destination `out` and per-request
 destination offsets `dest`, e.g. the slots of a neuron window's preallocated
@@ -23,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import errno
+import logging
 import os
 import sys
 import threading
@@ -42,6 +46,7 @@ RETRYABLE = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT}
 STAGING_KEEP = 16 << 20     # staging buffers up to this size are kept for the next batch
 NATIVE_THREADS_MIN_BYTES = 256 << 10   # below this a batch runs on the calling thread
 
+log = logging.getLogger("edgeinfer.storage")
 _warned: set = set()        # (st_dev, reason): warn once per filesystem and reason
 
 
@@ -84,6 +89,7 @@ class WeightFile:
     faults:   FaultInjector for tests; forces the pure Python path.
     retries:  EIO (and reads making no progress) are retried this many times.
     threads:  reads of one batch run on up to this many threads.
+    queue_depth: native io_uring reads in flight per batch (0: threads only).
     max_gap:  coalesce requests whose holes are at most this many bytes (read and
               dropped: one larger read beats two small ones on flash).
     max_read: largest single read call; longer ranges are split.
@@ -94,11 +100,12 @@ class WeightFile:
     def __init__(self, path: str | os.PathLike, *, direct: bool = True,
                  stats: IOStats | None = None, faults: FaultInjector | None = None,
                  retries: int = 3, threads: int = 4, max_gap: int = 0,
-                 max_read: int = 1 << 20, native: bool | None = None) -> None:
+                 max_read: int = 1 << 20, native: bool | None = None,
+                 queue_depth: int = 128) -> None:
         if native is True and faults is not None:
             raise ValueError("a FaultInjector needs the Python read path: pass native=None")
-        if retries < 0 or threads < 1 or max_gap < 0:
-            raise ValueError("retries and max_gap must be >= 0, threads >= 1")
+        if retries < 0 or threads < 1 or max_gap < 0 or queue_depth < 0:
+            raise ValueError("retries, max_gap and queue_depth must be >= 0, threads >= 1")
         if max_read < ALIGN or max_read % ALIGN:
             raise ValueError(f"max_read must be a positive multiple of {ALIGN}")
         self.path = os.fspath(path)
@@ -108,6 +115,7 @@ class WeightFile:
         self.threads = threads
         self.max_gap = max_gap
         self.max_read = max_read
+        self.queue_depth = queue_depth
         self.mode = "buffered"          # "direct" (O_DIRECT), "nocache" (F_NOCACHE), "buffered"
         self.fallback_reason: str | None = None
         self._fd = self._open(direct)
@@ -122,6 +130,9 @@ class WeightFile:
         if native is not False and faults is None:
             from native import load_fastread
             self._native = load_fastread()
+        self._rings: list[int] = []     # io_uring handles, one per reading thread
+        if self._native is not None:
+            weakref.finalize(self, _close_rings, self._native, self._rings)
         if native is True and self._native is None:
             self.close()
             raise StorageError(
@@ -350,12 +361,22 @@ class WeightFile:
                     tally: list[int]) -> None:
         out_addr, stage_addr = _address(out), _address(staging)
         dests = np.where(plan.piece_direct, out_addr, stage_addr) + plan.piece_dest
-        nthreads = 1
-        if plan.pieces > 1 and plan.bytes_to_read >= NATIVE_THREADS_MIN_BYTES:
-            nthreads = min(self.threads, plan.pieces)
-        status, calls = self._native.pread_batch(
-            self._fd, plan.piece_offset, plan.piece_length, dests.astype(np.uint64),
-            self.align, nthreads)
+        dests = dests.astype(np.uint64)
+        ring = self._ring() if plan.pieces > 1 else None
+        rc = -1
+        if ring is not None:
+            rc, status, calls = self._native.ring_batch(
+                ring, self._fd, plan.piece_offset, plan.piece_length, dests, self.align)
+            if rc < 0:      # io_uring refused at run time: threads from now on, and say so once
+                self.queue_depth = 0
+                log.warning("%s: io_uring reads failed (%s); using pread threads",
+                            self.path, os.strerror(-rc))
+        if rc < 0:
+            nthreads = 1
+            if plan.pieces > 1 and plan.bytes_to_read >= NATIVE_THREADS_MIN_BYTES:
+                nthreads = min(self.threads, plan.pieces)
+            status, calls = self._native.pread_batch(
+                self._fd, plan.piece_offset, plan.piece_length, dests, self.align, nthreads)
         tally[0] += int(calls.sum())
         tally[2] += int(np.maximum(status, 0).sum())
         for p in np.flatnonzero(status < plan.piece_need).tolist():
@@ -431,6 +452,21 @@ class WeightFile:
         buf[:len(data)] = np.frombuffer(data, dtype=np.uint8)
         return len(data)
 
+    def _ring(self) -> int | None:
+        """This thread's io_uring (made at first use), or None: disabled or unavailable."""
+        if self.queue_depth <= 0:
+            return None
+        ring = getattr(self._local, "ring", None)
+        if ring is None:
+            ring = self._native.ring_open(self.queue_depth)
+            if ring is None:
+                self.queue_depth = 0
+                return None
+            with self._lock:
+                self._rings.append(ring)
+            self._local.ring = ring
+        return ring
+
     def _thread_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
@@ -463,6 +499,9 @@ class WeightFile:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._native is not None:
+            with self._lock:
+                _close_rings(self._native, self._rings)
         self._finalizer()
 
     def __enter__(self) -> WeightFile:
@@ -474,6 +513,11 @@ class WeightFile:
     def __repr__(self) -> str:
         return (f"WeightFile({self.path!r}, mode={self.mode}, size={self.size}, "
                 f"native={self.native})")
+
+
+def _close_rings(native, rings: list[int]) -> None:
+    while rings:
+        native.ring_close(rings.pop())
 
 
 def _split_by_bytes(lengths: np.ndarray, parts: int) -> list[tuple[int, int]]:
