@@ -10,6 +10,7 @@ KV cache and activations are overhead beside it (reported by bench).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import threading
 from dataclasses import dataclass, field
@@ -86,6 +87,10 @@ class StreamContext:
     # Windows, caches and scratch buffers are shared by every sequence generating on the
     # model: streamed layers run one at a time (threads still overlap in resident layers).
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # One background reader: a streamed layer reads its missing neurons there while it
+    # computes the ones it holds (its thread starts at the first read).
+    reader: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeinfer-read"))
 
     def file(self, rel: str) -> WeightFile:
         f = self.files.get(rel)
@@ -113,6 +118,7 @@ class Plan:
 
     def close(self) -> None:
         if self.context:
+            self.context.reader.shutdown(wait=True)
             for f in self.context.files.values():
                 if isinstance(f, WeightFile):
                     f.close()

@@ -255,9 +255,13 @@ def _ffn_f16(x, records, rows, nids, up_bias, has_bias, d, gated, relu, nchunks,
 
 # Two compilations of each: threads cost tens of microseconds to wake, which a
 # small layer (a decode step of a small model) does not repay.
-_QUANT = (njit(cache=True, fastmath=True)(_ffn_quant), njit(parallel=True, cache=True, fastmath=True)(_ffn_quant))
-_SIMD = (njit(cache=True, fastmath=True)(_ffn_simd), njit(parallel=True, cache=True, fastmath=True)(_ffn_simd))
-_F16 = (njit(cache=True, fastmath=True)(_ffn_f16), njit(parallel=True, cache=True, fastmath=True)(_ffn_f16))
+# nogil: a streamed layer computes its cached neurons while another thread reads the missing ones
+_QUANT = (njit(cache=True, fastmath=True, nogil=True)(_ffn_quant),
+          njit(parallel=True, cache=True, fastmath=True, nogil=True)(_ffn_quant))
+_SIMD = (njit(cache=True, fastmath=True, nogil=True)(_ffn_simd),
+         njit(parallel=True, cache=True, fastmath=True, nogil=True)(_ffn_simd))
+_F16 = (njit(cache=True, fastmath=True, nogil=True)(_ffn_f16),
+        njit(parallel=True, cache=True, fastmath=True, nogil=True)(_ffn_f16))
 PARALLEL_MIN_WORK = 1 << 21   # multiply-adds
 
 

@@ -1,10 +1,12 @@
 """The neuron window (LLM in a flash §3.3): a preallocated buffer of neuron
 records for one FFN layer, holding the neurons active in the last k tokens.
 
-Occupied slots are always the dense prefix [0, count): inserting appends,
-deleting moves the last record into the freed slot — both O(1) per neuron —
-so the sparse FFN kernel runs over a compact buffer. This is where a neuron is
-evicted.
+Slots are handed out from a stack of free slots: inserting pops, deleting
+pushes, O(1) per neuron and no record ever moves. The paper keeps occupied
+slots a dense prefix (a delete moves the last record into the hole) because its
+matmul runs over a contiguous block; the sparse FFN kernel here gathers records
+by slot, so the moves would only cost copies (measured: ~10 ms of a 200 ms
+token on a 7B-wide layer). This is where a neuron is evicted.
 """
 from __future__ import annotations
 
@@ -23,12 +25,19 @@ class NeuronWindow:
         self.slot_of = np.full(ffn, -1, dtype=np.int64)        # neuron -> slot
         self.neuron_at = np.full(self.capacity, -1, dtype=np.int64)  # slot -> neuron
         self.last_used = np.zeros(self.capacity, dtype=np.int64)
-        self.count = 0
+        # free slots: a stack whose top is free[nfree - 1]; low slots first
+        self.free = np.arange(self.capacity - 1, -1, -1, dtype=np.int64)
+        self.nfree = self.capacity
         self.step = 0
 
     @property
     def nbytes(self) -> int:
         return self.buf.nbytes
+
+    @property
+    def count(self) -> int:
+        """Neurons held."""
+        return self.capacity - self.nfree
 
     def begin_step(self) -> None:
         self.step += 1
@@ -42,22 +51,20 @@ class NeuronWindow:
 
     def drop_stale(self) -> int:
         """Window eviction: neurons not active in the last k tokens leave."""
-        if self.window <= 0 or self.count == 0:
+        if self.window <= 0 or self.nfree == self.capacity:
             return 0
-        stale = np.flatnonzero(self.last_used[:self.count] <= self.step - self.window)
+        stale = np.flatnonzero((self.neuron_at >= 0) & (self.last_used <= self.step - self.window))
         return self._delete_slots(stale)
 
     def make_room(self, n: int, keep: np.ndarray) -> int:
         """Free slots for n new neurons, evicting least recently used ones not in `keep`."""
-        free = self.capacity - self.count
-        if n <= free:
+        if n <= self.nfree:
             return 0
-        occupied = np.arange(self.count)
-        protected = np.zeros(self.count, dtype=bool)
+        candidate = self.neuron_at >= 0
         ks = self.slot_of[keep]
-        protected[ks[ks >= 0]] = True
-        cand = occupied[~protected]
-        need = min(n - free, cand.size)
+        candidate[ks[ks >= 0]] = False
+        cand = np.flatnonzero(candidate)
+        need = min(n - self.nfree, cand.size)
         if need <= 0:
             return 0
         if need < cand.size:
@@ -67,46 +74,31 @@ class NeuronWindow:
         return self._delete_slots(victims)
 
     def reserve(self, neurons: np.ndarray) -> np.ndarray:
-        """Assign slots [count, count+n) to new neurons; the caller reads their records there."""
+        """Assign free slots to new neurons (ascending, so neurons adjacent in the file get
+        adjacent slots when free slots are); the caller reads their records there."""
         n = neurons.size
-        if self.count + n > self.capacity:
+        if n > self.nfree:
             raise RuntimeError("neuron window overflow")   # callers make room first
-        slots = np.arange(self.count, self.count + n)
+        slots = np.sort(self.free[self.nfree - n:self.nfree])
+        self.nfree -= n
         self.slot_of[neurons] = slots
         self.neuron_at[slots] = neurons
         self.last_used[slots] = self.step
-        self.count += n
         return slots
 
     def unreserve(self, neurons: np.ndarray) -> None:
-        """Undo the last reserve() (its read failed or was interrupted): the records there
-        are not valid, so the neurons must not look resident."""
-        slots = self.slot_of[neurons]
-        assert slots.size == 0 or slots.min() == self.count - neurons.size
-        self.slot_of[neurons] = -1
-        self.neuron_at[slots] = -1
-        self.count -= neurons.size
+        """Undo reserve() (its read failed or was interrupted): the records there are not
+        valid, so the neurons must not look resident."""
+        self._delete_slots(self.slot_of[neurons])
 
     def _delete_slots(self, slots: np.ndarray) -> int:
-        """Delete the neurons at `slots` (distinct), keeping occupied slots a dense prefix:
-        the survivors above the new end move into the holes below it (vectorised: one
-        gather/scatter of records, not one Python step per neuron)."""
-        slots = np.unique(np.asarray(slots, dtype=np.int64))
+        """Delete the neurons at `slots` (occupied, distinct): their slots go on the free stack."""
+        slots = np.asarray(slots, dtype=np.int64)
         n = int(slots.size)
         if n == 0:
             return 0
-        end = self.count - n
         self.slot_of[self.neuron_at[slots]] = -1
-        holes = slots[slots < end]
-        if holes.size:
-            tail = np.ones(self.count - end, dtype=bool)
-            tail[slots[slots >= end] - end] = False
-            movers = np.flatnonzero(tail) + end          # survivors above the new end, as many as holes
-            self.buf[holes] = self.buf[movers]
-            moved = self.neuron_at[movers]
-            self.neuron_at[holes] = moved
-            self.slot_of[moved] = holes
-            self.last_used[holes] = self.last_used[movers]
-        self.neuron_at[end:self.count] = -1
-        self.count = end
+        self.neuron_at[slots] = -1
+        self.free[self.nfree:self.nfree + n] = slots[::-1]
+        self.nfree += n
         return n
