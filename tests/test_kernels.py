@@ -368,45 +368,6 @@ def test_bundled_ffn_matches_numpy(bits, gs, gated, activation, M, simd, monkeyp
     assert np.abs(ref).max() > 0.1          # the check is not vacuous
 
 
-@pytest.mark.parametrize("bits", [4, 8, 16])
-@pytest.mark.parametrize("M", [1, 3])
-def test_bundled_ffn_page_aligned_records(bits, M):
-    """Records padded to whole pages (what the exporter writes for 7B-wide layers): the
-    kernel strides over the padding. Same reference and tolerance as above."""
-    from edgeinfer.kernels import ffn
-    from edgeinfer.sparsity import bundle
-    rng = rng_for("ffn-page", bits, M)
-    d, F = 256, 90
-    lay = bundle.BundleLayout(d, F, bits, 32, True, record_align=4096)
-    assert lay.record_bytes == 4096 > lay.raw_bytes
-    gate, up = (rng.standard_normal((F, d), dtype=np.float32) * 0.1 for _ in range(2))
-    down = rng.standard_normal((d, F), dtype=np.float32) * 0.1
-    records = bundle.encode(lay, gate, up, down, quantize)
-    assert records.nbytes == F * 4096
-    rows = rng.permutation(F)[:50].astype(np.int64)
-    x = rng.standard_normal((M, d), dtype=np.float32)
-    ref, scale = _ffn_reference(x, bundle.decode(lay, records), rows, True, True, None)
-    y = ffn.bundled_ffn(x, records, lay, "relu", rows=rows)
-    assert float(np.abs(y - ref).max()) <= 2e-5 * float(scale.max()) * np.sqrt(F)
-    assert np.abs(ref).max() > 0.1
-
-
-def test_bundle_record_alignment_rule():
-    from edgeinfer.errors import ModelFormatError
-    from edgeinfer.sparsity.bundle import BundleLayout
-    wide = BundleLayout(4096, 16384, 4, 32, True)           # 6912 raw bytes: two whole pages
-    assert (wide.raw_bytes, wide.record_bytes) == (6912, 8192)
-    opt = BundleLayout(4096, 16384, 4, 32, False)           # 4608: 8192 would add 78%
-    assert opt.record_bytes == 4608
-    assert BundleLayout(256, 1024, 8, 32, True).record_bytes == 832    # 816 raw: 64-byte padding
-    # attributes written before record_align existed keep their 64-byte padding
-    old = {"hidden": 4096, "ffn": 16384, "bits": 4, "group_size": 32, "gated": True, "record_bytes": 6912}
-    assert BundleLayout.from_attrs(old).record_bytes == 6912
-    assert BundleLayout.from_attrs(wide.to_dict()) == BundleLayout(4096, 16384, 4, 32, True, 4096)
-    with pytest.raises(ModelFormatError, match="record_bytes"):
-        BundleLayout.from_attrs({**wide.to_dict(), "record_bytes": 6912})
-
-
 def test_bundled_ffn_simd_is_used():
     """The 4- and 8-bit layouts the exporter writes take the SIMD path."""
     from edgeinfer.kernels import ffn

@@ -7,23 +7,17 @@ Record of neuron i (d = hidden size, g = group size, b = bits):
       q: d*b/8 bytes, codes q = round(w/s) + 2**(b-1), for b=4 element 2j in the low
          nibble (the MatMulNBits order); s: d/g float16 scales; gate parts only if gated
   float16 (b = 16):        [gate | up | down] as float16 values (a float16 tensor [F, k*d])
-Records are padded to a multiple of `record_align` bytes: 4096 when that adds at most a
-quarter (a 7B-wide int4 gated record, 6912 -> 8192 bytes: each neuron is then exactly two
-flash pages, read straight into its window slot; unaligned, it spans three pages about
-two times in three and goes through a staging copy), else 64. The whole layer's FFN is one
+Records are padded to a multiple of 64 bytes. The whole layer's FFN is one
 initializer [F, record] in ffn.bin: resident mode and plain onnxruntime decode it
 with the BundledFFN function body; streaming mode reads rows of it.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 RECORD_PAD = 64
-PAGE = 4096
-PAGE_PAD_MAX = 0.25     # pad records to whole pages when that adds at most this fraction
 
 
 @dataclass(frozen=True)
@@ -33,7 +27,6 @@ class BundleLayout:
     bits: int          # 8, 4, or 16 (float16, no scales)
     group_size: int
     gated: bool
-    record_align: int = 0   # 0: choose (see the module docstring); files before it: RECORD_PAD
 
     @property
     def parts(self) -> int:
@@ -52,26 +45,11 @@ class BundleLayout:
         return self.parts * self.q_bytes
 
     @property
-    def raw_bytes(self) -> int:
-        """Bytes of a record before padding."""
+    def record_bytes(self) -> int:
         if self.bits == 16:
             return self.parts * self.hidden * 2
-        return self.parts * (self.q_bytes + 2 * self.n_groups)
-
-    @property
-    def align(self) -> int:
-        if self.record_align:
-            return self.record_align
-        paged = -(-self.raw_bytes // PAGE) * PAGE
-        return PAGE if paged <= self.raw_bytes * (1 + PAGE_PAD_MAX) else self._legacy_align
-
-    @property
-    def _legacy_align(self) -> int:     # float16 records were never padded
-        return 2 if self.bits == 16 else RECORD_PAD
-
-    @property
-    def record_bytes(self) -> int:
-        return -(-self.raw_bytes // self.align) * self.align
+        raw = self.parts * (self.q_bytes + 2 * self.n_groups)
+        return -(-raw // RECORD_PAD) * RECORD_PAD
 
     @property
     def dtype(self):
@@ -81,24 +59,16 @@ class BundleLayout:
     def row_shape(self) -> tuple[int, int]:
         """Shape of the bundle initializer."""
         if self.bits == 16:
-            return (self.ffn, self.record_bytes // 2)
+            return (self.ffn, self.parts * self.hidden)
         return (self.ffn, self.record_bytes)
 
     def to_dict(self) -> dict:
         return {"hidden": self.hidden, "ffn": self.ffn, "bits": self.bits, "group_size": self.group_size,
-                "gated": self.gated, "record_align": self.align, "record_bytes": self.record_bytes}
+                "gated": self.gated, "record_bytes": self.record_bytes}
 
     @classmethod
     def from_attrs(cls, a: dict) -> "BundleLayout":
-        layout = cls(int(a["hidden"]), int(a["ffn"]), int(a["bits"]), int(a["group_size"]), bool(a["gated"]),
-                     int(a.get("record_align", 0)))
-        if "record_align" not in a:     # written before record_align existed
-            layout = dataclasses.replace(layout, record_align=layout._legacy_align)
-        if "record_bytes" in a and int(a["record_bytes"]) != layout.record_bytes:
-            from ..errors import ModelFormatError
-            raise ModelFormatError(f"bundle record_bytes {a['record_bytes']} does not match its layout "
-                                   f"({layout.record_bytes}): the model file is damaged or from another version")
-        return layout
+        return cls(int(a["hidden"]), int(a["ffn"]), int(a["bits"]), int(a["group_size"]), bool(a["gated"]))
 
 
 def encode(layout: BundleLayout, gate, up, down, quantize) -> np.ndarray:
@@ -106,10 +76,7 @@ def encode(layout: BundleLayout, gate, up, down, quantize) -> np.ndarray:
     `quantize(w, bits, group)` is the exporter's group-wise quantizer."""
     vectors = ([gate] if layout.gated else []) + [up, np.ascontiguousarray(down.T)]
     if layout.bits == 16:
-        out = np.zeros(layout.row_shape, dtype=np.float16)
-        body = np.concatenate([v.astype(np.float16) for v in vectors], axis=1)
-        out[:, :body.shape[1]] = body
-        return out
+        return np.concatenate([v.astype(np.float16) for v in vectors], axis=1)
     out = np.zeros((layout.ffn, layout.record_bytes), dtype=np.uint8)
     qs, ss = [], []
     for v in vectors:
