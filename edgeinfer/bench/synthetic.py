@@ -63,10 +63,6 @@ SHAPES = {
     # flash reports 95-97% for OPT-6.7B
     "7b-wide-sparse": Shape(4096, 16384, 32, 8, zero_fraction=0.90,
                             like="7b-wide with 90% zero activations (as trained OPT/ReLU models)"),
-    # LLM in a flash's own setting: OPT-6.7B's FFN is 95-97% zeros (its Fig. 2); a
-    # sparser model than the trained fixtures, to see how streaming scales with sparsity
-    "7b-wide-sparse97": Shape(4096, 16384, 32, 8, zero_fraction=0.97,
-                              like="7b-wide with 97% zero activations (as OPT-6.7B in LLM in a flash)"),
     "mistral-like-sparse": Shape(4096, 14336, 32, 8, rope_theta=1e6, zero_fraction=0.90,
                                  like="Mistral-7B shapes, ReLU gated FFN, 90% zero activations"),
     "mixtral-like": Shape(4096, 14336, 32, 8, experts=8, top_k=2, rope_theta=1e6,
