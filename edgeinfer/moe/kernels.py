@@ -1,12 +1,12 @@
 """One expert over its record (edgeinfer/moe/layout.py): down(silu(gate x) * up x),
 each matrix the sum of the record's stages.
 
-One token of a record whose stages are all 4-bit (--quant int8 | int4 with --expert-low
-int4: the benchmark's and the default export's experts) takes two fused kernels over
+One token of a record whose stages are all 4-bit (--quant int8 --expert-low int4, as in
+benchmarks/moe.py, or --quant int4 alone) takes two fused kernels over
 kernels/_simd_stages.py: gate and up of every stage in one pass, silu(g) * u written
 straight into the phases the down kernel reads, then down of every stage in one pass,
-added into the layer's output with the routing weight. No array is allocated per
-matrix or stage.
+added into the layer's output with the routing weight. Per expert only x's and h's
+phases are allocated (the stage-by-stage path splits x and allocates per matrix and stage).
 
 Otherwise (several tokens, other widths, no AVX-512) every stage of a record is in
 MatMulNBits layout, so 8- and 4-bit stages and float16 experts run on the shared kernels
