@@ -30,16 +30,17 @@ _VF, _VI8, _VI32 = ir.VectorType(_F32, W), ir.VectorType(_I8, W), ir.VectorType(
 # No nnan/ninf: a NaN or inf in the activations must still show in the output.
 _FM = ("reassoc", "contract", "nsz")
 
-def _host_has_vnni():
+def _host_has(*names):
     # Numba compiles for the host unless NUMBA_CPU_NAME asks for another (e.g. a
     # portable cache); then the x86 instruction may not exist there.
     if numba.config.CPU_NAME not in (None, "host"):
         return False
     features = llvm.get_host_cpu_features()
-    return bool(features.get("avx512vnni") and features.get("avx512bw"))
+    return all(features.get(n) for n in names)
 
 
-HAS_VNNI = _host_has_vnni()
+HAS_VNNI = _host_has("avx512vnni", "avx512bw")
+HAS_AVX512 = _host_has("avx512f")      # vpermps over 16 lanes (kernels/_simd_stages.py)
 
 
 def _i64(v):

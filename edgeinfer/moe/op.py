@@ -6,7 +6,7 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from ..executor.ops import _need, op
-from .kernels import expert_ffn
+from .kernels import add_expert, expert_ffn
 from .layout import ExpertLayout, RecordFormat
 from .router import route, tokens_by_expert
 
@@ -74,7 +74,7 @@ def _moe(node, const):
         idx, w = moe.route(x)
         y = np.zeros_like(x)
         for e, (rows, weights) in tokens_by_expert(idx, w).items():
-            y[rows] += expert_ffn(x[rows], experts[e], high) * weights[:, None]
+            add_expert(y, x, rows, weights, experts[e], high)
         return moe.finish(x, y)
 
     return run

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import BudgetError, ChecksumError
 from .expert_cache import ExpertCache, block_geometry
-from .kernels import expert_ffn
+from .kernels import add_expert
 from .layout import HIGH, LOW, ExpertLayout
 from .op import MoENode
 from .prefetch import Prefetcher
@@ -352,6 +352,5 @@ class StreamedMoE:
         t0 = time.perf_counter()
         for e, ent in pairs:
             rows, wts = groups[e]
-            fmt = self.layout.format(ent.precision)
-            y[rows] += expert_ffn(x[rows], self.cache.view(ent), fmt) * wts[:, None]
+            add_expert(y, x, rows, wts, self.cache.view(ent), self.layout.format(ent.precision))
         return time.perf_counter() - t0
