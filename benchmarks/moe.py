@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,7 +232,8 @@ def measure(folder: Path, args, synthetic) -> dict:
         for t in (args.threshold if key == "c" else ()):
             specs[f"{label} t={t:g}"] = dict(opts, expert_low_threshold=t)
     models = {label: edgeinfer.load(folder, memory_budget=budget, mode="streaming", threads=args.threads,
-                                    io_threads=args.io_threads, **opts) for label, opts in specs.items()}
+                                    io_threads=args.io_threads, io_depth=args.io_depth, **opts)
+              for label, opts in specs.items()}
     some = next(iter(models.values()))
     direct = {f.mode for f in some.plan.context.files.values() if hasattr(f, "mode")}
     results = {k: {"times": [], "stats": [], "counts": [], "round_ms": []} for k in models}
@@ -278,7 +280,8 @@ def measure(folder: Path, args, synthetic) -> dict:
                              "expert_low": m.quantization.get("expert_low")},
             "experts_bytes": experts_bytes, "budget_bytes": budget, "resident_bytes": some.resident_bytes,
             "cache_bytes": runtime_of(some).cache_bytes(), "read_mode": sorted(direct),
-            "threshold": args.threshold, "threads": args.threads, "io_threads": args.io_threads,
+            "threshold": args.threshold, "threads": numba.get_num_threads(), "io_threads": args.io_threads,
+            "io_depth": args.io_depth,
             "tokens": args.tokens, "rounds": args.rounds, "rows": rows}
 
 
@@ -291,7 +294,8 @@ def print_table(out: dict) -> None:
           f"(top-{s['top_k']}), {s['layers']} layers; {q['weights']} experts, low copy {q['expert_low']} (nested)")
     print(f"experts {mib(out['experts_bytes'])} = {out['experts_bytes'] / out['budget_bytes']:.2f} x the budget "
           f"{mib(out['budget_bytes'])} (resident {mib(out['resident_bytes'])}, expert caches "
-          f"{mib(out['cache_bytes'])}); reads {', '.join(out['read_mode'])}, {out['io_threads']} read threads; "
+          f"{mib(out['cache_bytes'])}); reads {', '.join(out['read_mode'])}, "
+          f"{f'io_uring depth {d}' if (d := out['io_depth']) else str(out['io_threads']) + ' read threads'}; "
           f"{out['threads']} compute thread(s); {out['tokens']} tokens x {out['rounds']} rounds")
     cols = [("row", 22, "{}"), ("ms_per_token", 8, "{:.1f}"), ("speedup_vs_a", 7, "{:.2f}x"),
             ("speedup_vs_a_min_round", 9, "{:.2f}x"), ("hit_rate", 6, "{:.3f}"), ("prefetch_accuracy", 8, "{}"),
@@ -333,11 +337,13 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=4, help="steps of each round left out of the median")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rows", default="abc", help="which rows to run (default abc)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="Numba threads (default 1: on 2 cores, Numba's workers beside the read threads were "
-                        "measured 4x slower than one thread)")
-    p.add_argument("--io-threads", type=int, default=4, help="read threads per batch (RuntimeOptions.io_threads; "
-                                                            "default 4; 1 reads like a slower flash device)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="Numba threads (default: all cores. With pread threads, --io-depth 0, Numba's workers "
+                        "beside the read threads were measured 4x slower than one thread: use 1 there)")
+    p.add_argument("--io-depth", type=int, default=128, help="io_uring reads in flight (RuntimeOptions.io_depth; "
+                                                             "default 128; 0: pread threads)")
+    p.add_argument("--io-threads", type=int, default=4, help="pread threads per batch with --io-depth 0 or no "
+                                                            "io_uring (RuntimeOptions.io_threads; default 4)")
     p.add_argument("--json", help="also write the numbers as JSON to this file ('-': stdout)")
     args = p.parse_args(argv)
     out = run(args)
