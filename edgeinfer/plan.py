@@ -46,7 +46,7 @@ class RuntimeOptions:
                                   # §3.3); 0: keep neurons until their slot is needed (LRU)
     threshold: float | None = None  # override the predictors' calibrated thresholds (probability)
     direct_io: bool = True        # bypass the page cache (O_DIRECT / F_NOCACHE)
-    verify_reads: bool = True     # crc32 of every streamed neuron record as it arrives
+    verify_reads: bool = True     # crc32 of each streamed neuron record / expert stage on its first read
     io_threads: int = 16          # pread threads per batch where io_uring is unavailable
     io_depth: int = 128           # io_uring reads in flight per batch (0: threads). Random 8 KiB O_DIRECT
                                   # reads here: 49k/s on 16 threads, 59k/s at depth 64, 67k/s at 128
