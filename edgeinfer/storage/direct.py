@@ -369,6 +369,7 @@ class WeightFile:
                 ring, self._fd, plan.piece_offset, plan.piece_length, dests, self.align)
             if rc < 0:      # io_uring refused at run time: threads from now on, and say so once
                 self.queue_depth = 0
+                self._drop_ring(ring)       # closing it also ends any read it still had in flight
                 log.warning("%s: io_uring reads failed (%s); using pread threads",
                             self.path, os.strerror(-rc))
         if rc < 0:
@@ -456,16 +457,23 @@ class WeightFile:
         """This thread's io_uring (made at first use), or None: disabled or unavailable."""
         if self.queue_depth <= 0:
             return None
-        ring = getattr(self._local, "ring", None)
-        if ring is None:
+        ring, pid = getattr(self._local, "ring", (None, None))
+        if ring is None or pid != os.getpid():     # a forked child must not share its parent's ring
             ring = self._native.ring_open(self.queue_depth)
             if ring is None:
                 self.queue_depth = 0
                 return None
             with self._lock:
                 self._rings.append(ring)
-            self._local.ring = ring
+            self._local.ring = (ring, os.getpid())
         return ring
+
+    def _drop_ring(self, ring: int) -> None:
+        with self._lock:
+            if ring in self._rings:
+                self._rings.remove(ring)
+                self._native.ring_close(ring)
+        self._local.ring = (None, None)
 
     def _thread_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
