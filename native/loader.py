@@ -59,15 +59,9 @@ class FastRead:
                     dests: np.ndarray, align: int, nthreads: int):
         """Read request i into the address dests[i]; (status, calls) per request:
         status = bytes read (short at EOF) or -errno. The GIL is released."""
-        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-        dests = np.ascontiguousarray(dests, dtype=np.uint64)
-        n = len(offsets)
-        status = np.zeros(n, dtype=np.int64)
-        calls = np.zeros(n, dtype=np.int64)
-        self._lib.ei_pread_batch(fd, n, offsets, lengths, dests, align, nthreads,
-                                 status, calls)
-        return status, calls
+        args = _batch(offsets, lengths, dests)
+        self._lib.ei_pread_batch(fd, len(args[0]), *args[:3], align, nthreads, *args[3:])
+        return args[3], args[4]
 
     def ring_open(self, entries: int) -> int | None:
         """An io_uring of `entries` reads in flight (a handle), or None where io_uring is
@@ -81,19 +75,21 @@ class FastRead:
                    dests: np.ndarray, align: int):
         """As pread_batch, through `ring`: (rc, status, calls); rc < 0 (-errno) means
         io_uring itself failed and the batch must be redone another way."""
-        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-        dests = np.ascontiguousarray(dests, dtype=np.uint64)
-        n = len(offsets)
-        status = np.zeros(n, dtype=np.int64)
-        calls = np.zeros(n, dtype=np.int64)
-        rc = self._lib.ei_ring_batch(ring, fd, n, offsets, lengths, dests, align, status, calls)
-        return rc, status, calls
+        args = _batch(offsets, lengths, dests)
+        rc = self._lib.ei_ring_batch(ring, fd, len(args[0]), *args[:3], align, *args[3:])
+        return rc, args[3], args[4]
 
     def copy_batch(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray) -> None:
         self._lib.ei_copy_batch(len(src), np.ascontiguousarray(src, dtype=np.uint64),
                                 np.ascontiguousarray(dst, dtype=np.uint64),
                                 np.ascontiguousarray(lengths, dtype=np.int64))
+
+
+def _batch(offsets, lengths, dests) -> tuple:
+    """C-contiguous (offsets, lengths, dests) and zeroed (status, calls) for one batch."""
+    n = len(offsets)
+    return (np.ascontiguousarray(offsets, dtype=np.int64), np.ascontiguousarray(lengths, dtype=np.int64),
+            np.ascontiguousarray(dests, dtype=np.uint64), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64))
 
 
 def cache_dir() -> Path:
