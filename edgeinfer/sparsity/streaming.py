@@ -191,4 +191,5 @@ def make(node, const, ctx):
         return y + down_bias if down_bias is not None else y
 
     run.window = window
+    run.bundle = entry          # where the window's records come from (tests check them against it)
     return run
