@@ -111,6 +111,9 @@ def test_demo_bench_numbers_are_consistent(demo_bench):
         assert 0 < st["per_token"]["flash_bytes"] < naive["per_token"]["flash_bytes"]
         assert 0 <= st["cache"]["neuron_hit_rate"] <= 1 and st["per_token"]["neurons_needed"] > 0
         assert st["memory"]["stream_buffer_bytes"] > 0
+        # windows of the demo's record size fill the buffers: capacity = buffer bytes / record
+        assert 0 < st["per_token"]["window_neurons"] * 32 <= st["memory"]["stream_buffer_bytes"]
+        assert naive["per_token"]["window_neurons"] == 0
         assert st["predicted"]["inputs"]["hit_rate"] == pytest.approx(st["cache"]["neuron_hit_rate"])
 
 

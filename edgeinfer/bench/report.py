@@ -28,6 +28,11 @@ def _per_token(runs: list[dict], key: str) -> float:
     return total / n if n else 0.0
 
 
+def _window_ratio(pt: dict) -> str:
+    held, needed = pt.get("window_neurons") or 0, pt.get("neurons_needed") or 0
+    return f"{held} / {needed:.0f} ({held / needed:.2f}x)" if held and needed else "-"
+
+
 def _rate(hit: float, needed: float) -> float | None:
     return hit / needed if needed else None
 
@@ -70,6 +75,7 @@ def summarize_mode(mode, info, warm, runs, traffic, device, rates) -> dict:
             "io_ms": pt["io_seconds"] * 1e3, "io_wait_ms": io_wait_ms, "streamed_compute_ms": compute_ms,
             "rest_ms": (mean_ms - io_wait_ms - compute_ms) if mean_ms is not None else None,
             "neurons_needed": pt["neurons_needed"], "neurons_loaded": pt["neurons_loaded"],
+            "window_neurons": info.get("window_neurons", 0),
             "neurons_evicted": pt["neurons_evicted"], "experts_needed": pt["experts_needed"],
             "experts_loaded": pt["experts_loaded"], "context": context,
         },
@@ -226,6 +232,8 @@ def format_table(res: dict) -> str:
     row("  neuron window hit rate", lambda r: _frac(r["cache"]["neuron_hit_rate"]))
     row("    neurons loaded per token", lambda r: f"{r['per_token']['neurons_loaded']:.0f}"
         if r["cache"]["neuron_hit_rate"] is not None else "-")
+    # windows barely larger than a token's active set can only reuse what the last token used
+    row("    window / needed per token", lambda r: _window_ratio(r["per_token"]))
     row("  expert cache hit rate", lambda r: _frac(r["cache"]["expert_hit_rate"]))
     sep("memory")
     row("  peak RSS (measured runs)", lambda r: _b(r["memory"]["rss_peak_runs"]))

@@ -102,9 +102,10 @@ class Session:
     def describe(self) -> dict:
         m = self.model
         plan = m.plan
-        buffers = 0
+        buffers = window_neurons = 0
         for step in m.executor.plan:
             fn = step[0]
+            window_neurons += getattr(getattr(fn, "window", None), "capacity", 0)
             for attr in ("window", "cache"):          # neuron window (dense), expert cache (MoE)
                 holder = getattr(fn, attr, None)
                 nbytes = getattr(holder, "nbytes", None)
@@ -122,7 +123,7 @@ class Session:
                 "minimum_bytes": plan.minimum_bytes if plan else None,
                 "total_weight_bytes": plan.total_bytes if plan else None,
                 "resident_bytes": int(m.resident_bytes), "buffer_bytes": buffers,
-                "accounted_bytes": int(m.resident_bytes) + buffers,
+                "accounted_bytes": int(m.resident_bytes) + buffers, "window_neurons": window_neurons,
                 "streamed_nodes": len(plan.streamed) if plan else 0,
                 "read_modes": files, "load_s": self.load_s, "threads": numba.get_num_threads(),
                 "rss_after_load": rss(), "pid": os.getpid()}
