@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numba  # noqa: E402
 
+from edgeinfer.bench.report import write_json  # noqa: E402
 from edgeinfer.kernels import matmul_nbits  # noqa: E402
 from edgeinfer.kernels.quant import int8_activations_supported  # noqa: E402
 from export.quantize import quantize  # noqa: E402
@@ -275,12 +275,7 @@ def main(argv=None):
               "GF/s = 2 M N K / time:")
         result["prefill"] = prefill_rows(args, rng)
     if args.json:
-        text = json.dumps(result, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+        write_json(result, args.json)
 
 
 if __name__ == "__main__":

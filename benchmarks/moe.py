@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import edgeinfer  # noqa: E402
+from edgeinfer.bench.report import write_json  # noqa: E402
 from edgeinfer.moe.streaming import runtime_of  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -349,11 +350,7 @@ def main(argv=None) -> int:
     out = run(args)
     print_table(out)
     if args.json:
-        text = json.dumps(out, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text)
+        write_json(out, args.json)
     return 0
 
 

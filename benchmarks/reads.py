@@ -13,7 +13,6 @@ alternate over --rounds so drift reaches each alike; the best round is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edgeinfer.bench.report import write_json  # noqa: E402
 from edgeinfer.storage import WeightFile, aligned_empty  # noqa: E402
 
 
@@ -97,11 +97,7 @@ def main() -> int:
     if args.json:
         rows = [{"bytes": c, "depth": d, "threads": args.threads if d == 0 else 1, "reads_per_s": best[(c, d)],
                  "gbps": best[(c, d)] * c / 1e9} for c in args.sizes for d in args.depths]
-        text = json.dumps({"file": str(path), "rows": rows}, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text)
+        write_json({"file": str(path), "rows": rows}, args.json)
     return 0
 
 

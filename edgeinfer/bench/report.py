@@ -5,6 +5,7 @@ Units in the dict: ms, bytes, seconds as named; rates are fractions in [0, 1].
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -16,6 +17,16 @@ from ..budget import fmt_bytes
 from .cost_model import floor_ms, predict
 
 SCHEMA = 1
+
+
+def write_json(data, dest: str) -> None:
+    """Benchmarks' --json: the numbers as JSON to the file `dest`, or to stdout for "-"."""
+    text = json.dumps(data, indent=1, default=str)
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w") as f:
+            f.write(text + "\n")
 
 
 def _pct(values, q):

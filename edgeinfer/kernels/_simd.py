@@ -88,20 +88,26 @@ def _load_vec(builder, base, offset, ty, align):
     return builder.load(builder.bitcast(builder.gep(base, [offset]), ty.as_pointer()), align=align)
 
 
-def code_fields(builder, base, offset, P, bits):
-    """The P fields of the 16 bytes at base[offset] as P <16 x float> (codes as stored,
-    unsigned): field t of byte j is value P*j + t of the row."""
-    codes = builder.zext(_load_vec(builder, base, offset, _VI8, 1), _VI32)
-    fmask = ir.Constant(_VI32, [(1 << bits) - 1] * W)
+def split_fields(builder, codes, vtype, lanes, bits, P):
+    """The P bit fields of each lane of `codes` (a <lanes x iN> vector), low field first:
+    field t = (codes >> bits*t) & mask; the top field needs no mask."""
+    fmask = ir.Constant(vtype, [(1 << bits) - 1] * lanes)
     out = []
     for t in range(P):
         f = codes
         if t:
-            f = builder.lshr(f, ir.Constant(_VI32, [bits * t] * W))
+            f = builder.lshr(f, ir.Constant(vtype, [bits * t] * lanes))
         if t < P - 1:
             f = builder.and_(f, fmask)
-        out.append(builder.sitofp(f, _VF))
+        out.append(f)
     return out
+
+
+def code_fields(builder, base, offset, P, bits):
+    """The P fields of the 16 bytes at base[offset] as P <16 x float> (codes as stored,
+    unsigned): field t of byte j is value P*j + t of the row."""
+    codes = builder.zext(_load_vec(builder, base, offset, _VI8, 1), _VI32)
+    return [builder.sitofp(f, _VF) for f in split_fields(builder, codes, _VI32, W, bits, P)]
 
 
 def _block_correction(builder, srows, crows, b0, b1):
@@ -394,7 +400,6 @@ def _make_qdot_i8(Mt, U):
             zero = ir.Constant(_VF, [0.0] * W)
             izero = ir.Constant(_VI32, [0] * W)
             acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(Mt)] for _ in range(U)]
-            fmask = ir.Constant(_VI8x64, [(1 << bits) - 1] * VW)
             nsteps = builder.udiv(rowbytes, _i64(VW))
 
             def lane_scales(c, i, lanes_per_block):
@@ -415,14 +420,7 @@ def _make_qdot_i8(Mt, U):
             def step(c, u, lanes_per_block):
                 g = builder.mul(c, _i64(VW))
                 codes = _load_vec(builder, prow, g, _VI8x64, 1)
-                fields = []
-                for t in range(P):
-                    f = codes
-                    if t:
-                        f = builder.lshr(f, ir.Constant(_VI8x64, [bits * t] * VW))
-                    if t < P - 1:
-                        f = builder.and_(f, fmask)
-                    fields.append(builder.bitcast(f, _VI32))
+                fields = [builder.bitcast(f, _VI32) for f in split_fields(builder, codes, _VI8x64, VW, bits, P)]
                 for i in range(Mt):
                     isum = izero
                     for t in range(P):
