@@ -60,6 +60,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", help="write the numbers as JSON here ('-': stdout)")
     args = ap.parse_args()
+    if min(args.depths) < 0 or args.threads < 1 or args.seconds <= 0 or args.rounds < 1:
+        ap.error("--depths must be >= 0, --threads and --rounds >= 1, --seconds > 0")
+    if args.file is not None and not args.file.is_file():
+        ap.error(f"--file {args.file}: no such file")
 
     tmp = None
     path = args.file
