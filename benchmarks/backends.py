@@ -51,7 +51,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import edgeinfer  # noqa: E402
 
@@ -100,7 +99,7 @@ def synthetic_checkpoint(args) -> Path:
 
 
 def synthetic_exports(args) -> dict[str, Path]:
-    from export.exporter import export
+    from edgeinfer.export.exporter import export
 
     src = synthetic_checkpoint(args)
     out = {}
@@ -114,7 +113,7 @@ def synthetic_exports(args) -> dict[str, Path]:
 
 
 def weight_bytes(folder: Path) -> int:
-    from edgeinfer.manifest import read_manifest
+    from edgeinfer.format.manifest import read_manifest
 
     m = read_manifest(folder)
     return sum(m.files[f]["size"] for f in {e.file for e in m.tensors.values()})
@@ -195,10 +194,9 @@ def decode_rows(folder: Path, layout: str, args) -> list[dict]:
 # ---- cold start -----------------------------------------------------------------------------
 def cold_start(backend: str, runs: int) -> list[dict]:
     out = []
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for i in range(runs):
         t0 = time.time()
-        p = subprocess.run([sys.executable, "-c", COLD_CHILD, backend], capture_output=True, text=True, env=env,
+        p = subprocess.run([sys.executable, "-c", COLD_CHILD, backend], capture_output=True, text=True,
                            cwd=str(ROOT))
         if p.returncode != 0:
             raise SystemExit(f"cold start child failed:\n{p.stderr}")

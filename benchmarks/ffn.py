@@ -13,8 +13,8 @@ import time
 import numba
 import numpy as np
 
+from edgeinfer.format.bundle import BundleLayout
 from edgeinfer.kernels import ffn
-from edgeinfer.sparsity.bundle import BundleLayout
 
 
 def _best(fn, reps: int) -> float:

@@ -22,19 +22,15 @@ import argparse
 import gc
 import os
 import platform
-import sys
 import time
 
-import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 import numba  # noqa: E402
+import numpy as np
+from edgeinfer.export.quantize import quantize  # noqa: E402
 
 from edgeinfer.bench.report import write_json  # noqa: E402
 from edgeinfer.kernels import matmul_nbits  # noqa: E402
 from edgeinfer.kernels.quant import int8_activations_supported  # noqa: E402
-from export.quantize import quantize  # noqa: E402
 
 SHAPES = ((11008, 4096), (4096, 11008))   # (N, K): up/gate-like and down-like
 STREAM_BYTES = 160 << 20                  # weights touched per measurement cycle

@@ -38,11 +38,10 @@ import numba
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import edgeinfer  # noqa: E402
 from edgeinfer.bench.report import write_json  # noqa: E402
-from edgeinfer.moe.streaming import runtime_of  # noqa: E402
+from edgeinfer.streaming.moe.op import runtime_of  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 TOKENIZER = FIXTURES / "models" / "mixtral-8x-16m" / "tokenizer.json"
@@ -204,7 +203,7 @@ def run(args) -> dict:
             synthetic = json.loads((ckpt / "config.json").read_text())["edgeinfer_synthetic"]
             folder = work / f"{tag}-{args.quant}-{args.expert_low}"
             if not (folder / "manifest.json").exists():
-                from export.exporter import export
+                from edgeinfer.export.exporter import export
                 print(f"exporting to {folder} ({args.quant}, experts also {args.expert_low}) ...", file=sys.stderr,
                       flush=True)
                 t0 = time.perf_counter()
@@ -219,7 +218,7 @@ def run(args) -> dict:
 def measure(folder: Path, args, synthetic) -> dict:
     from tokenizers import Tokenizer
 
-    from edgeinfer.manifest import read_manifest
+    from edgeinfer.format.manifest import read_manifest
     m = read_manifest(folder)
     experts_bytes = sum(e.nbytes for e in m.tensors.values() if e.file == "experts.bin")
     budget = int(experts_bytes * args.budget)

@@ -21,10 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from edgeinfer.bench.report import write_json  # noqa: E402
-from edgeinfer.storage import WeightFile, aligned_empty  # noqa: E402
+from edgeinfer.io import WeightFile, aligned_empty  # noqa: E402
 
 
 def size(text: str) -> int:

@@ -2,12 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .errors import EdgeInferError  # noqa: E402
+from edgeinfer.errors import EdgeInferError  # noqa: E402
 
 
 def load(path=None, **kwargs):
     """Load a model folder (default: the built-in demo). See edgeinfer.api.load."""
-    from .api import load as _load
+    from edgeinfer.runtime.loader import load as _load
     return _load(path, **kwargs)
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgeinfer.config import ModelConfig
 from edgeinfer.errors import CheckpointError, UnsupportedModelError
+from edgeinfer.format.config import ModelConfig
 
 # model_type -> family; one table, not if-chains.
 MODEL_TYPES = {

@@ -12,12 +12,11 @@ import math
 import zlib
 
 import numpy as np
+from edgeinfer.export import functions
+from edgeinfer.export.graph import GraphBuilder
 from onnx import TensorProto
 
-from edgeinfer.config import ModelConfig
-
-from . import functions
-from .graph import GraphBuilder
+from edgeinfer.format.config import ModelConfig
 
 FFN_FILE = "ffn.bin"   # FFN / expert weights: the part a memory budget streams
 
@@ -70,7 +69,7 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w, ffn=dense_ffn, progress=
     embed = w.get("embed")
     h, embed_tensors = b.embedding("embed", ids, embed, head_bits)
     if cfg.position == "learned":
-        from .archs.opt import POSITION_OFFSET
+        from edgeinfer.export.archs.opt import POSITION_OFFSET
         table = w.get("pos_embed")[POSITION_OFFSET:POSITION_OFFSET + cfg.max_position_embeddings]
         pw = b.weight("pos_embed.weight", table.astype(np.float16))
         g = b.node("Gather", [pw, pos], "pos_embed.f16", name="pos_embed", axis=0)
@@ -123,9 +122,9 @@ def _logits_info(cfg):
 
 def bundled_ffn(b: GraphBuilder, cfg: ModelConfig, w, i: int, x: str, prefix: str) -> str:
     """The layer's FFN as one BundledFFN node over a row-column bundle in ffn.bin."""
-    from edgeinfer.sparsity.bundle import BundleLayout, encode
+    from edgeinfer.export.quantize import quantize
 
-    from .quantize import quantize
+    from edgeinfer.format.bundle import BundleLayout, encode
     bits = 16 if b.bits is None else b.bits
     layout = BundleLayout(cfg.hidden_size, cfg.ffn_dim, bits, b.group_size, cfg.gated)
     gate = w.get("gate", i) if cfg.gated else None

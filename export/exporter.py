@@ -6,16 +6,16 @@ import os
 from functools import partial
 from pathlib import Path
 
+from edgeinfer.export.archs import Weights, arch_module
+from edgeinfer.export.checkpoint import Checkpoint
+from edgeinfer.export.config import model_config, read_hf_config
+from edgeinfer.export.decoder import build_decoder
+from edgeinfer.export.graph import GraphBuilder
+from edgeinfer.export.writer import ModelFolderWriter
+
 from edgeinfer import __version__
 from edgeinfer.errors import CheckpointError, EdgeInferError
 from edgeinfer.progress import Progress
-
-from .archs import Weights, arch_module
-from .checkpoint import Checkpoint
-from .config import model_config, read_hf_config
-from .decoder import build_decoder
-from .graph import GraphBuilder
-from .writer import ModelFolderWriter
 
 QUANT_BITS = {"f16": None, "fp16": None, "float16": None, "int8": 8, "int4": 4}
 
@@ -76,7 +76,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
         if predictors:
             if not bundle:
                 raise EdgeInferError("--predictors needs the bundled FFN layout")
-            from .predictors import train_predictors
+            from edgeinfer.export.predictors import train_predictors
             writer.stage(model, manifest)
             windows = -(-calibration_tokens // 256)
             with Progress(windows, "train predictors", enabled=progress) as bar:
@@ -100,12 +100,12 @@ def _check_expert_low(low: str, quant: str, cfg) -> None:
 
 
 def _dense(b, cfg, w, i, x, prefix):
-    from . import decoder
+    from edgeinfer.export import decoder
     return decoder.dense_ffn(b, cfg, w, i, x, prefix)
 
 
 def _bundled(b, cfg, w, i, x, prefix):
-    from . import decoder
+    from edgeinfer.export import decoder
     return decoder.bundled_ffn(b, cfg, w, i, x, prefix)
 
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from edgeinfer.export import functions
+from edgeinfer.export.quantize import quantize, relative_error
+from edgeinfer.export.writer import ModelFolderWriter
 from onnx import TensorProto, helper
-
-from . import functions
-from .quantize import quantize, relative_error
-from .writer import ModelFolderWriter
 
 IR_VERSION = 10  # onnxruntime 1.18+ loads it; onnx 1.23 would write 14 by default
 MS_DOMAIN = "com.microsoft"

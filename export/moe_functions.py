@@ -20,12 +20,11 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+from edgeinfer.export.functions import DOMAIN, _Body
 from onnx import FunctionProto, TensorProto, helper
 
 from edgeinfer.errors import UnsupportedModelError
-from edgeinfer.moe.layout import STAGES, ExpertLayout, RecordFormat, encode
-
-from .functions import DOMAIN, _Body
+from edgeinfer.format.experts import STAGES, ExpertLayout, RecordFormat, encode
 
 EXPERTS_FILE = "experts.bin"
 QUANT_NAME = {None: "f16", 8: "int8", 4: "int4"}
@@ -38,7 +37,7 @@ def moe_layer(b, cfg, experts, router: np.ndarray, x: str, prefix: str, layer: i
     experts: iterable of (gate [F, d], up [F, d], down [d, F]) per expert, read lazily;
     shared: (gate, up, down) of the shared expert or None.
     """
-    from .quantize import dequantize, quantize
+    from edgeinfer.export.quantize import dequantize, quantize
 
     if cfg.activation != "silu":
         raise UnsupportedModelError(f"MoE experts with {cfg.activation} are not supported (silu only)")

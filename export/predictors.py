@@ -20,12 +20,12 @@ MIN_STEPS = 300   # optimizer steps per predictor, whatever the amount of calibr
 
 
 def _capture_ffn_inputs(folder: Path, ids: list[int], window: int, progress) -> tuple[dict, object]:
-    from edgeinfer.engine.tokenizer import Tokenizer
-    from edgeinfer.executor import Executor, load_graph
-    from edgeinfer.executor.ops import OPS
-    from edgeinfer.manifest import read_manifest
-    from edgeinfer.model import Model
-    from edgeinfer.weights import ResidentWeights
+    from edgeinfer.format.manifest import read_manifest
+    from edgeinfer.io.resident import ResidentWeights
+    from edgeinfer.runtime.executor import Executor, load_graph
+    from edgeinfer.runtime.executor.ops import OPS
+    from edgeinfer.runtime.model import Model
+    from edgeinfer.runtime.tokenizer import Tokenizer
 
     m = read_manifest(folder)
     g = load_graph(m)
@@ -64,10 +64,10 @@ def train_predictors(folder: Path, builder, *, rank: int = 64, recall: float = 0
         import torch
     except ImportError:
         raise UnsupportedModelError("training predictors needs torch: pip install 'edgeinfer[export]'") from None
-    from edgeinfer.engine.tokenizer import Tokenizer
-    from edgeinfer.sparsity.bundle import BundleLayout, decode
+    from edgeinfer.export import functions
 
-    from . import functions
+    from edgeinfer.format.bundle import BundleLayout, decode
+    from edgeinfer.runtime.tokenizer import Tokenizer
 
     tok = Tokenizer(folder / "tokenizer.json")
     ids = tok.encode(CALIBRATION_TEXT.read_text())[:tokens]

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from edgeinfer.errors import EdgeInferError
-from edgeinfer.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+from edgeinfer.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 
 ALIGN = 4096  # every tensor starts on a 4 KiB boundary: O_DIRECT and mmap friendly
 

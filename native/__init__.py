@@ -1,4 +1,4 @@
 """Optional native helpers, built from C source at first use (see loader.py)."""
-from .loader import load_fastread
+from edgeinfer.native.loader import load_fastread
 
 __all__ = ["load_fastread"]

@@ -129,7 +129,7 @@ def build(directory: Path, compiler: str = "cc") -> Path | None:
     if not cmd or shutil.which(cmd[0]) is None:
         log.info("no C compiler (%s); native fastread disabled", compiler)
         return None
-    source = importlib.resources.files("native").joinpath(SOURCE).read_bytes()
+    source = importlib.resources.files("edgeinfer.native").joinpath(SOURCE).read_bytes()
     key = hashlib.sha256(
         source + " ".join(cmd + CFLAGS).encode() + platform.machine().encode()
     ).hexdigest()[:16]

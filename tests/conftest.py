@@ -15,7 +15,7 @@ DENSE = ("opt-relu-7m", "llama-relu-8m")
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """exported(name, quant) -> folder of that checkpoint exported at that precision (cached)."""
-    from export.exporter import export
+    from edgeinfer.export.exporter import export
 
     root = tmp_path_factory.mktemp("exported")
     done = {}

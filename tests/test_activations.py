@@ -8,14 +8,14 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import DENSE
 
 import edgeinfer
-from conftest import DENSE
+from edgeinfer.bench.perplexity import perplexity
 from edgeinfer.errors import EdgeInferError
-from edgeinfer.eval import perplexity
-from edgeinfer.executor import ActivationsWarning
 from edgeinfer.kernels import _simd
-from edgeinfer.plan import RuntimeOptions
+from edgeinfer.runtime.executor import ActivationsWarning
+from edgeinfer.runtime.options import RuntimeOptions
 
 PROMPTS = ["Once upon a time", "In the beginning of the war, the king said that"]
 # int8 vs float32 activations, int4 and int8 exports of the fixtures: measured max |logit

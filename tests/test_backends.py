@@ -7,13 +7,13 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import DENSE
 
 import edgeinfer
-from conftest import DENSE
 from edgeinfer.errors import EdgeInferError
-from edgeinfer.executor import ort_backend
-from edgeinfer.executor.providers import CPU, ProviderWarning
-from edgeinfer.executor.partition import NUMBA, ORT
+from edgeinfer.runtime.executor import ort_backend
+from edgeinfer.runtime.executor.partition import NUMBA, ORT
+from edgeinfer.runtime.executor.providers import CPU, ProviderWarning
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -132,8 +132,8 @@ def test_hybrid_streams_the_ffn_in_numba(name, exported):
 
 
 def test_partition_shapes_the_segments(exported):
-    from edgeinfer.executor.partition import assign, partition
-    from edgeinfer.plan import PLUGINS
+    from edgeinfer.runtime.executor.partition import assign, partition
+    from edgeinfer.streaming.plan import PLUGINS
 
     model = edgeinfer.load(_folder(exported, "llama-relu-8m", "int4"))
     graph, layers = model.executor.graph, model.config.num_layers
@@ -200,7 +200,7 @@ def test_missing_provider_falls_back_with_a_warning(exported, caplog):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDAExecutionProvider is installed here: nothing falls back")
     folder = _folder(exported, "llama-relu-8m", "int4")
-    with caplog.at_level(logging.WARNING, logger="edgeinfer.executor"):
+    with caplog.at_level(logging.WARNING, logger="edgeinfer.runtime.executor"):
         with pytest.warns(ProviderWarning, match="CUDAExecutionProvider .*not available"):
             model = edgeinfer.load(folder, backend="ort", providers=["CUDAExecutionProvider", CPU])
     assert any("CUDAExecutionProvider" in r.getMessage() for r in caplog.records)
@@ -209,7 +209,7 @@ def test_missing_provider_falls_back_with_a_warning(exported, caplog):
 
 
 def test_device_profile_chooses_the_providers(exported):
-    from edgeinfer.devices import load_profile
+    from edgeinfer.devices.profiles import load_profile
 
     wanted = load_profile("jetson-orin-nano-8gb").execution_providers
     missing = [p for p in wanted if p not in ort.get_available_providers()]

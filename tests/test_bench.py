@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeinfer.api import DEMO_MODEL
 from edgeinfer.cli import main
+from edgeinfer.runtime.loader import DEMO_MODEL
 
 
 def _cli(*argv) -> tuple[int, str, str]:
@@ -47,8 +47,8 @@ def test_demo_bench_prints_everything(demo_bench):
     for label in ROWS:
         assert label in out, label
     from edgeinfer.bench.runner import DEFAULT_MODES, mode_availability
-    from edgeinfer.executor import load_graph
-    from edgeinfer.manifest import read_manifest
+    from edgeinfer.format.manifest import read_manifest
+    from edgeinfer.runtime.executor import load_graph
     m = read_manifest(DEMO_MODEL)
     g = load_graph(m)
     runnable = [x for x in DEFAULT_MODES if mode_availability(m, g, x) is None]
@@ -59,7 +59,7 @@ def test_demo_bench_prints_everything(demo_bench):
 
 def test_mode_availability_says_why():
     from edgeinfer.bench.runner import mode_availability
-    from edgeinfer.executor.graph import Graph, Node
+    from edgeinfer.runtime.executor.graph import Graph, Node
     ffn = Node("layers.0.ffn", "BundledFFN", "edgeinfer", ["x", "layers.0.ffn.bundle", "", ""], ["y"])
     g = Graph([ffn], [], [], {}, {}, {})
     assert mode_availability(None, g, "resident") is None
@@ -155,7 +155,7 @@ def test_plot_needs_matplotlib_or_writes_png(demo_bench, tmp_path):
 def test_synthetic_label_reaches_title(demo_bench, tmp_path):
     from edgeinfer.bench.report import _title, format_table
     from edgeinfer.bench.synthetic import label_manifest
-    from edgeinfer.manifest import read_manifest
+    from edgeinfer.format.manifest import read_manifest
     folder = tmp_path / "m"
     shutil.copytree(DEMO_MODEL, folder)
     label_manifest(folder, {"shape": "7b-like", "generator": "test"})
@@ -172,8 +172,8 @@ def test_synthetic_label_reaches_title(demo_bench, tmp_path):
 @pytest.fixture(scope="module")
 def demo_traffic():
     from edgeinfer.bench.traffic import model_traffic
-    from edgeinfer.executor import load_graph
-    from edgeinfer.manifest import read_manifest
+    from edgeinfer.format.manifest import read_manifest
+    from edgeinfer.runtime.executor import load_graph
     m = read_manifest(DEMO_MODEL)
     return m, model_traffic(m, load_graph(m))
 
@@ -197,8 +197,9 @@ def test_traffic_matches_the_manifest(demo_traffic):
 
 
 def test_cost_model_orders_modes_and_counts_bytes(demo_traffic):
+    from edgeinfer.devices.profiles import load_profile
+
     from edgeinfer.bench.cost_model import floor_ms, predict
-    from edgeinfer.devices import load_profile
     _, t = demo_traffic
     dev = load_profile("laptop-x86-16gb")
     res = predict(t, "resident", dev, _rates(), context=100)
@@ -219,9 +220,10 @@ def test_cost_model_orders_modes_and_counts_bytes(demo_traffic):
 def test_streaming_prediction_falls_with_window_reuse(demo_traffic):
     import dataclasses
 
+    from edgeinfer.devices.profiles import load_profile
+
     from edgeinfer.bench.cost_model import predict
     from edgeinfer.bench.traffic import ModelTraffic
-    from edgeinfer.devices import load_profile
     _, t = demo_traffic
     t = ModelTraffic(**{**{f.name: getattr(t, f.name) for f in dataclasses.fields(t)},
                         "ffn": [dataclasses.replace(f, true_active=0.2, predicted_active=0.4) for f in t.ffn]})
@@ -238,9 +240,10 @@ def test_streaming_prediction_falls_with_window_reuse(demo_traffic):
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny-moe"])
 def test_synthetic_checkpoint_statistics(tmp_path, shape):
+    from edgeinfer.export.checkpoint import Checkpoint
+    from edgeinfer.export.config import model_config, read_hf_config
+
     from edgeinfer.bench.synthetic import write_checkpoint
-    from export.checkpoint import Checkpoint
-    from export.config import model_config, read_hf_config
     info = write_checkpoint(tmp_path / "ckpt", shape, layers=2, progress=False)
     cfg = read_hf_config(tmp_path / "ckpt")
     assert cfg["edgeinfer_synthetic"]["shape"] == shape and "SYNTHETIC" in cfg["edgeinfer_synthetic"]["note"]

@@ -6,9 +6,7 @@ import json
 import math
 
 import pytest
-
-from edgeinfer.cli import main
-from edgeinfer.devices import (
+from edgeinfer.devices.profiles import (
     DeviceProfile,
     Precisions,
     list_profiles,
@@ -16,6 +14,8 @@ from edgeinfer.devices import (
     probe,
     write_profile,
 )
+
+from edgeinfer.cli import main
 from edgeinfer.errors import DeviceProfileError
 
 SHIPPED = ["jetson-agx-orin-64gb", "jetson-orin-nano-8gb", "laptop-x86-16gb",

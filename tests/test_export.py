@@ -5,11 +5,11 @@ import json
 import shutil
 
 import pytest
-
 from conftest import MODELS
+from edgeinfer.export.exporter import export
+
 from edgeinfer.errors import CheckpointError, EdgeInferError, UnsupportedModelError
-from edgeinfer.manifest import read_manifest
-from export.exporter import export
+from edgeinfer.format.manifest import read_manifest
 
 
 def _copy(name, tmp_path):
@@ -92,7 +92,7 @@ def test_output_exists_needs_force(tmp_path):
 
 def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     """Ctrl-C in the middle of writing: no folder under the final name, no partial folder left."""
-    import export.decoder as decoder
+    import edgeinfer.export.decoder as decoder
 
     real = decoder.bundled_ffn
     calls = {"n": 0}

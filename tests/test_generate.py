@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import edgeinfer
-from edgeinfer.engine.sampling import Sampler, SamplingConfig
 from edgeinfer.errors import ContextLengthError
+from edgeinfer.runtime.sampling import Sampler, SamplingConfig
 
 
 @pytest.fixture(scope="module")

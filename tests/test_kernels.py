@@ -14,11 +14,19 @@ import zlib
 import numba
 import numpy as np
 import pytest
+from edgeinfer.export.quantize import dequantize, quantize
 
-from edgeinfer.kernels import (apply_rotary, attention, gather_f16, gather_nbits, layer_norm,
-                               matmul_f16, matmul_nbits, rms_norm)
-from edgeinfer.kernels import quant
-from export.quantize import dequantize, quantize
+from edgeinfer.kernels import (
+    apply_rotary,
+    attention,
+    gather_f16,
+    gather_nbits,
+    layer_norm,
+    matmul_f16,
+    matmul_nbits,
+    quant,
+    rms_norm,
+)
 
 DOT_TOL = 1e-5          # see the module docstring
 ALL_THREADS = numba.config.NUMBA_NUM_THREADS
@@ -346,8 +354,8 @@ def test_bundled_ffn_matches_numpy(bits, gs, gated, activation, M, simd, monkeyp
     """The fused kernel (SIMD intrinsics where the layout allows, else the plain loop)
     against numpy over bundle.decode of the same records, on a random subset of rows
     in random order. Tolerance: 2e-5 of the |x| @ |w| scale (float32 accumulation)."""
+    from edgeinfer.format import bundle
     from edgeinfer.kernels import ffn
-    from edgeinfer.sparsity import bundle
     monkeypatch.setattr(ffn, "SIMD", simd)
     rng = rng_for("ffn", bits, gs, gated, activation, M)
     d, F = 256, 200
@@ -370,8 +378,8 @@ def test_bundled_ffn_matches_numpy(bits, gs, gated, activation, M, simd, monkeyp
 
 def test_bundled_ffn_simd_is_used():
     """The 4- and 8-bit layouts the exporter writes take the SIMD path."""
+    from edgeinfer.format.bundle import BundleLayout
     from edgeinfer.kernels import ffn
-    from edgeinfer.sparsity.bundle import BundleLayout
     assert ffn._simd_steps_log2(BundleLayout(4096, 16384, 4, 32, True)) == 0
     assert ffn._simd_steps_log2(BundleLayout(4096, 16384, 8, 32, True)) == 1
     assert ffn._simd_steps_log2(BundleLayout(256, 16384, 4, 128, False)) == 2

@@ -8,18 +8,18 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import MODELS, ort_logits
+from edgeinfer.export.exporter import export
 
 import edgeinfer
-from conftest import MODELS, ort_logits
+from edgeinfer.bench.perplexity import perplexity
 from edgeinfer.errors import BudgetError, EdgeInferError
-from edgeinfer.eval import perplexity
-from edgeinfer.manifest import read_manifest
-from edgeinfer.moe import kernels as moe_kernels
-from edgeinfer.moe.expert_cache import ExpertCache
-from edgeinfer.moe.layout import HIGH, LOW, ExpertLayout, decode, encode
-from edgeinfer.moe.streaming import runtime_of
-from edgeinfer.plan import RuntimeOptions
-from export.exporter import export
+from edgeinfer.format.experts import HIGH, LOW, ExpertLayout, decode, encode
+from edgeinfer.format.manifest import read_manifest
+from edgeinfer.kernels import experts as moe_kernels
+from edgeinfer.runtime.options import RuntimeOptions
+from edgeinfer.streaming.moe.expert_cache import ExpertCache
+from edgeinfer.streaming.moe.op import runtime_of
 
 MIXTRAL = "mixtral-8x-16m"
 PROMPTS = ["Once upon a time", "In the beginning of the war, the"]
@@ -132,7 +132,7 @@ def test_experts_file_holds_only_expert_records(mixtral_mixed):
 
 @pytest.mark.parametrize("quant,low", [("int8", "int4"), ("int8", "int2"), ("int4", "int2"), ("f16", "int4")])
 def test_nested_records_decode_to_each_precision(quant, low):
-    from export.quantize import dequantize, quantize
+    from edgeinfer.export.quantize import dequantize, quantize
 
     rng = np.random.default_rng(0)
     mats = [rng.standard_normal(s).astype(np.float32) for s in ((64, 32), (64, 32), (32, 64))]
@@ -167,7 +167,7 @@ def test_fused_expert_kernels_match_numpy(quant, low, group, monkeypatch):
     float64 numpy, high and (nested) low precision, added with its routing weight.
     Tolerance: max |y - y_ref| <= 1e-5 max |y_ref| (observed 4e-7 on the benchmark's experts);
     dropping the residual stage errs by ~6e-2 (checked below: the bound can fail)."""
-    from export.quantize import dequantize, quantize
+    from edgeinfer.export.quantize import dequantize, quantize
 
     rng = np.random.default_rng(group)
     d, f = 256, 384
@@ -199,7 +199,7 @@ def test_fused_expert_kernels_agree_with_the_stage_by_stage_path():
     """The fused one-token path and matmul_nbits stage by stage (several tokens) give the
     same expert to float32 rounding, whatever the thread count."""
     import numba
-    from export.quantize import dequantize, quantize
+    from edgeinfer.export.quantize import dequantize, quantize
 
     rng = np.random.default_rng(1)
     layout = MIXED_LAYOUT

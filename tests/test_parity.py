@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import DENSE, ort_logits
 
 import edgeinfer
-from conftest import DENSE, ort_logits
 
 PROMPTS = ["Once upon a time", "The king said", "In the beginning of the war, the", "ROMEO:\nWhat light"]
 # float16 export of float16/bfloat16 checkpoints: the weights are exact or rounded

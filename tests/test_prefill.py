@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from edgeinfer.export.quantize import quantize
 
 import edgeinfer
 from edgeinfer.kernels import dequant, matmul_f16, matmul_nbits
-from export.quantize import quantize
 
 PROMPT = "In the beginning of the war, the king said that the people of the north would"
 FLOAT_ATOL = 2e-3     # as tests/test_backends.py: same float math, another summation order

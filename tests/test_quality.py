@@ -3,10 +3,10 @@ int8 and int4 exports against the float16 export."""
 from __future__ import annotations
 
 import pytest
+from conftest import DENSE
 
 import edgeinfer
-from conftest import DENSE
-from edgeinfer.eval import perplexity
+from edgeinfer.bench.perplexity import perplexity
 
 LIMITS = {"int8": 0.01, "int4": 0.10}   # allowed relative increase over float16
 

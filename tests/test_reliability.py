@@ -12,14 +12,19 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import MODELS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_streaming import ffn_budget
 
 import edgeinfer
-from conftest import MODELS
-from edgeinfer.errors import CheckpointError, EdgeInferError, ModelFormatError, StorageError
-from edgeinfer.storage import FaultInjector
-from test_streaming import ffn_budget
+from edgeinfer.errors import (
+    CheckpointError,
+    EdgeInferError,
+    ModelFormatError,
+    StorageError,
+)
+from edgeinfer.io import FaultInjector
 
 PROMPT = "The king said that he"
 
@@ -65,7 +70,7 @@ def test_ctrl_c_during_a_background_read_keeps_windows_truthful(streamed_folder,
     """An interrupt that ends a layer's read (here raised inside the reader thread, as a
     Ctrl-C can end the wait for it) must not leave neurons marked held whose records never
     arrived: the next generation is exact and every held record matches the file."""
-    from edgeinfer.storage import WeightFile
+    from edgeinfer.io import WeightFile
     budget = ffn_budget(streamed_folder, 0.3)
     want = edgeinfer.load(streamed_folder, memory_budget=budget).generate(PROMPT, max_new_tokens=12)
     model = edgeinfer.load(streamed_folder, memory_budget=budget)
@@ -158,7 +163,7 @@ class _Evil:
 
 def test_pickled_checkpoint_is_loaded_weights_only(tmp_path):
     pytest.importorskip("torch")
-    from export.exporter import export
+    from edgeinfer.export.exporter import export
     if os.path.exists("/tmp/edgeinfer-pwned"):
         os.remove("/tmp/edgeinfer-pwned")
     src = tmp_path / "ckpt"

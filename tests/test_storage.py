@@ -11,11 +11,12 @@ import zlib
 
 import numpy as np
 import pytest
+from edgeinfer.native import loader
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeinfer.errors import StorageError
-from edgeinfer.storage import (
+from edgeinfer.io import (
     ALIGN,
     BufferedFallbackWarning,
     FaultInjector,
@@ -26,8 +27,7 @@ from edgeinfer.storage import (
     crc32_file,
     plan_reads,
 )
-from edgeinfer.storage import direct as direct_mod
-from native import loader
+from edgeinfer.io import direct as direct_mod
 
 SIZE = 3 * (1 << 20) + 123          # not a multiple of 4096: the last block is partial
 HAVE_NATIVE = loader.load_fastread() is not None

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import DENSE
 
 import edgeinfer
-from conftest import DENSE
+from edgeinfer.bench.perplexity import perplexity
 from edgeinfer.errors import BudgetError
-from edgeinfer.eval import perplexity
-from edgeinfer.sparsity.window import NeuronWindow
+from edgeinfer.streaming.ffn.window import NeuronWindow
 
 
 def ffn_budget(folder, fraction: float) -> int:
     """Bytes that hold every resident weight plus `fraction` of the FFN bundles."""
-    from edgeinfer.manifest import read_manifest
+    from edgeinfer.format.manifest import read_manifest
     m = read_manifest(folder)
     total = sum(f["size"] for k, f in m.files.items() if k.endswith(".bin"))
     ffn = m.files["ffn.bin"]["size"]
@@ -118,7 +118,7 @@ def test_predictor_quality_at_half_ffn_budget(name, exported, wikitext_ids):
 
 
 def test_predictor_statistics_in_manifest(exported):
-    from edgeinfer.manifest import read_manifest
+    from edgeinfer.format.manifest import read_manifest
     m = read_manifest(exported("opt-relu-7m", "int8", predictors=True))
     stats = m.raw["predictors"]
     assert len(stats) == m.config.num_layers

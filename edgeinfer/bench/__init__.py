@@ -11,6 +11,6 @@ report      the results dict (--json) and the table
 plot        latency breakdown as a PNG (needs the bench extra: matplotlib)
 synthetic   Hugging Face checkpoints at real shapes with imitated activation statistics
 """
-from .runner import BenchConfig, run_bench
+from edgeinfer.bench.runner import BenchConfig, run_bench
 
 __all__ = ["BenchConfig", "run_bench"]

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..storage import ALIGN
-from .rates import KernelRates
-from .traffic import ModelTraffic
+from edgeinfer.bench.rates import KernelRates
+from edgeinfer.bench.traffic import ModelTraffic
+from edgeinfer.io import ALIGN
 
 MAX_READ = 1 << 20       # WeightFile's largest single read
 

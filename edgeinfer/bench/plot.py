@@ -3,7 +3,7 @@ wait, streamed-layer compute and the rest, beside the cost model's prediction an
 the physical floor. Needs matplotlib: pip install 'edgeinfer[bench]'."""
 from __future__ import annotations
 
-from ..errors import EdgeInferError
+from edgeinfer.errors import EdgeInferError
 
 
 def require_matplotlib():

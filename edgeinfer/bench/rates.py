@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .traffic import ModelTraffic
+from edgeinfer.bench.traffic import ModelTraffic
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,9 @@ def _best(fn, repeats: int = 7, inner: int = 1, budget_s: float = 0.25) -> float
 def measure_kernel_rates(manifest, traffic: ModelTraffic) -> KernelRates:
     import numba
 
-    from .. import kernels
-    from ..kernels.ffn import bundled_ffn
-    from ..sparsity.bundle import BundleLayout
+    from edgeinfer import kernels
+    from edgeinfer.format.bundle import BundleLayout
+    from edgeinfer.kernels.ffn import bundled_ffn
 
     rng = np.random.default_rng(0)
     cfg = manifest.config
@@ -126,7 +126,7 @@ def _random_bundle(rng, lay, n: int) -> np.ndarray:
 
 
 def _active_fraction(records, lay, x) -> float:
-    from ..sparsity.bundle import decode
+    from edgeinfer.format.bundle import decode
     first = decode(lay, records[:256])[0]
     return float(((first @ x[0]) > 0).mean())
 
@@ -134,7 +134,7 @@ def _active_fraction(records, lay, x) -> float:
 def _window_rate(lay) -> float:
     """Seconds per neuron loaded into a NeuronWindow (its eviction included), at this
     record size: the bookkeeping a streamed layer pays besides reading."""
-    from ..sparsity.window import NeuronWindow
+    from edgeinfer.streaming.ffn.window import NeuronWindow
 
     cap, pool, batch = 512, 2048, 128
     w = NeuronWindow(pool, lay.record_bytes, cap, 1, dtype=lay.dtype)

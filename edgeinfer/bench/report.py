@@ -12,9 +12,9 @@ import socket
 
 import numpy as np
 
-from .. import __version__
-from ..budget import fmt_bytes
-from .cost_model import floor_ms, predict
+from edgeinfer import __version__
+from edgeinfer.bench.cost_model import floor_ms, predict
+from edgeinfer.units import fmt_bytes
 
 SCHEMA = 1
 
@@ -132,7 +132,7 @@ def ratios(modes: dict) -> dict:
 
 def build_results(*, cfg, manifest, traffic, device, device_source, rates, modes, infos, warm, runs, skipped,
                   prompt, load_avg=(None, None), notes=None) -> dict:
-    from .runner import config_dict
+    from edgeinfer.bench.runner import config_dict
     source = manifest.raw.get("source") or {}
     synthetic = source.get("synthetic")
     per_mode = {m: summarize_mode(m, infos[m], warm[m], runs[m], traffic, device, rates) for m in modes}

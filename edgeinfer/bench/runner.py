@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..budget import fmt_bytes
-from ..errors import ContextLengthError, EdgeInferError
-from .worker import LocalWorker, ProcessWorker, WorkerSpec
+from edgeinfer.bench.worker import LocalWorker, ProcessWorker, WorkerSpec
+from edgeinfer.errors import ContextLengthError, EdgeInferError
+from edgeinfer.units import fmt_bytes
 
 ALL_MODES = ("resident", "naive", "streaming", "oracle")
 DEFAULT_MODES = ("resident", "naive", "streaming")
@@ -82,10 +82,10 @@ def _say(cfg: BenchConfig, msg: str) -> None:
 def resolve_device(spec: str | None, folder: Path, progress: bool = True):
     """(profile, how): a shipped profile by name, a .toml path, or a quick probe of this
     machine on the storage that holds the model."""
-    from ..devices import load_profile, probe
+    from edgeinfer.devices.profiles import load_profile, probe
     if spec not in (None, "probe"):
         return load_profile(spec), "profile"
-    from ..commands.devices import QUICK
+    from edgeinfer.cli.devices import QUICK
     where = folder if os.access(folder, os.W_OK) and "site-packages" not in str(folder) \
         and folder.name != "demo" else Path(tempfile.gettempdir())
     return probe(where, progress=progress, name="this-machine", **QUICK), f"probe ({where}, quick)"
@@ -103,7 +103,7 @@ def prompt_ids(tokenizer, n: int, vocab: int) -> list[int]:
 
 def mode_availability(manifest, graph, mode: str) -> str | None:
     """None if `mode` can run on this model folder, else the reason it cannot."""
-    from ..plan import PLUGINS
+    from edgeinfer.streaming.plan import PLUGINS
     if mode == "resident":
         return None
     nodes = [n for n in graph.nodes if n.key in PLUGINS]
@@ -120,8 +120,9 @@ def mode_availability(manifest, graph, mode: str) -> str | None:
 
 def check_budget(manifest, graph, mode: str, budget, options: dict) -> None:
     """Raise BudgetError now (one clear line) if `budget` cannot hold the resident part."""
-    from ..plan import RuntimeOptions, make_plan
-    from ..stats import RuntimeStats
+    from edgeinfer.runtime.options import RuntimeOptions
+    from edgeinfer.runtime.stats import RuntimeStats
+    from edgeinfer.streaming.plan import make_plan
     make_plan(manifest, graph, budget, RuntimeOptions(mode=mode, **options), RuntimeStats())
 
 
@@ -129,11 +130,11 @@ def check_budget(manifest, graph, mode: str, budget, options: dict) -> None:
 
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure; returns the results dict that `report` prints and --json writes."""
-    from ..api import DEMO_MODEL
-    from ..engine.tokenizer import Tokenizer
-    from ..executor import load_graph
-    from ..manifest import read_manifest
-    from .traffic import model_traffic
+    from edgeinfer.bench.traffic import model_traffic
+    from edgeinfer.format.manifest import read_manifest
+    from edgeinfer.runtime.executor import load_graph
+    from edgeinfer.runtime.loader import DEMO_MODEL
+    from edgeinfer.runtime.tokenizer import Tokenizer
 
     cfg.validate()
     load_start = _loadavg()
@@ -208,7 +209,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         for w in workers.values():
             w.close()
     traffic = model_traffic(manifest, graph)
-    from .report import build_results
+    from edgeinfer.bench.report import build_results
     return build_results(cfg=cfg, manifest=manifest, traffic=traffic, device=device, device_source=device_source,
                          rates=rates, modes=modes, infos={m: w.info for m, w in workers.items()}, warm=warm,
                          runs=runs, skipped=skipped, prompt=ids, load_avg=(load_start, _loadavg()), notes=notes)
@@ -216,14 +217,15 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 def naive_minimum(manifest, graph, options: dict) -> tuple[int, int]:
     """(naive mode's minimum budget, the resident weights within it)."""
-    from ..plan import RuntimeOptions, make_plan
-    from ..stats import RuntimeStats
+    from edgeinfer.runtime.options import RuntimeOptions
+    from edgeinfer.runtime.stats import RuntimeStats
+    from edgeinfer.streaming.plan import make_plan
     plan = make_plan(manifest, graph, None, RuntimeOptions(mode="naive", **options), RuntimeStats())
     return plan.minimum_bytes, sum(manifest.files[f]["size"] for f in plan.resident_files)
 
 
 def _budget_bytes(manifest, spec) -> int | None:
-    from ..budget import parse_budget
+    from edgeinfer.units import parse_budget
     total = sum(manifest.files[f]["size"] for f in {e.file for e in manifest.tensors.values()})
     return parse_budget(spec, total)
 
@@ -237,8 +239,8 @@ def _loadavg() -> float | None:
 
 
 def _kernel_rates(manifest, graph, threads):
-    from .rates import measure_kernel_rates
-    from .traffic import model_traffic
+    from edgeinfer.bench.rates import measure_kernel_rates
+    from edgeinfer.bench.traffic import model_traffic
     if threads is not None:
         import numba
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))

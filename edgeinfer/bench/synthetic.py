@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgeInferError, UnsupportedModelError
+from edgeinfer.errors import EdgeInferError, UnsupportedModelError
 
 DEMO_TOKENIZER = Path(__file__).resolve().parent.parent / "demo" / "tokenizer.json"   # = the llama-relu-8m fixture's
 VOCAB = 8192
@@ -255,9 +255,8 @@ def _column_quantiles(m: np.ndarray, qs: np.ndarray) -> np.ndarray:
 
 
 def _text_ids(n: int, offset_fraction: float) -> list[int]:
-    from export.predictors import CALIBRATION_TEXT
-
-    from ..engine.tokenizer import Tokenizer
+    from edgeinfer.export.predictors import CALIBRATION_TEXT
+    from edgeinfer.runtime.tokenizer import Tokenizer
     text = CALIBRATION_TEXT.read_text()
     start = int(len(text) * offset_fraction)
     ids = Tokenizer(DEMO_TOKENIZER).encode(text[start:start + 40 * n])
@@ -399,7 +398,7 @@ def make_synthetic(out: str | os.PathLike, *, shape: str = "7b-like", layers: in
     if not export_model:
         return info
     try:
-        from export.exporter import export
+        from edgeinfer.export.exporter import export
     except ImportError as exc:
         raise EdgeInferError(f"exporting needs the export extra ({exc}): pip install 'edgeinfer[export]'") from None
     moe = SHAPES[shape].experts > 0

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..executor.graph import Graph
-from ..manifest import Manifest
-from ..sparsity.bundle import BundleLayout
+from edgeinfer.format.bundle import BundleLayout
+from edgeinfer.format.manifest import Manifest
+from edgeinfer.runtime.executor.graph import Graph
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def model_traffic(manifest: Manifest, graph: Graph) -> ModelTraffic:
                 t.predictor_bytes += sum(sizes.get(i, 0) for i in ins[4:7])
         elif node.op_type == "MoE":
             t.moe_nodes += 1
-            from ..moe.layout import ExpertLayout
+            from edgeinfer.format.experts import ExpertLayout
             lay = ExpertLayout.from_attrs(node.attrs)
             t.moe.append(MoELayer(node.name, lay.num_experts, int(node.attrs["top_k"]), lay.high_bytes,
                                   lay.low_bytes, lay.stages[0]))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import errors
+from edgeinfer import errors
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class Session:
     def __init__(self, spec: WorkerSpec):
         t0 = time.perf_counter()
         self.timer = _CompileTimer()
-        from ..api import load
+        from edgeinfer.runtime.loader import load
         self.model = load(spec.path, memory_budget=spec.memory_budget, threads=spec.threads,
                           verify=spec.verify, mode=spec.mode, **spec.options)
         self.load_s = time.perf_counter() - t0

@@ -5,9 +5,9 @@ norm       RMSNorm, LayerNorm
 attention  rotary embedding, causal GQA attention over a KV cache
 ffn        the sparse bundled FFN over row-column bundles (see edgeinfer/sparsity)
 """
-from .attention import apply_rotary, attention
-from .norm import layer_norm, rms_norm
-from .quant import gather_f16, gather_nbits, matmul_f16, matmul_nbits
+from edgeinfer.kernels.attention import apply_rotary, attention
+from edgeinfer.kernels.norm import layer_norm, rms_norm
+from edgeinfer.kernels.quant import gather_f16, gather_nbits, matmul_f16, matmul_nbits
 
 __all__ = [
     "apply_rotary",

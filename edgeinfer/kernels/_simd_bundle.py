@@ -19,8 +19,21 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._simd import _FM, _F32, _I16, _VF, _VI16, _VH, W, _fma, _hsum, _i64, _load_vec, _splat, code_fields
-
+from edgeinfer.kernels._simd import (
+    _F32,
+    _FM,
+    _I16,
+    _VF,
+    _VH,
+    _VI16,
+    W,
+    _fma,
+    _hsum,
+    _i64,
+    _load_vec,
+    _splat,
+    code_fields,
+)
 
 
 def _rec_ptr(builder, arr, row):

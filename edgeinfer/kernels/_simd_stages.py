@@ -26,7 +26,18 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._simd import _FM, _VF, _VI8, _VI32, W, _fma, _hsum, _i64, _load_vec, _splat
+from edgeinfer.kernels._simd import (
+    _FM,
+    _VF,
+    _VI8,
+    _VI32,
+    W,
+    _fma,
+    _hsum,
+    _i64,
+    _load_vec,
+    _splat,
+)
 
 _TABLE = ir.Constant(_VF, [float(c - 8) for c in range(16)])
 

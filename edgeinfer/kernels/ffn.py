@@ -10,12 +10,11 @@ conflicts), summed at the end. float16 scales/weights are decoded through a
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-import numba
-
-from ._simd_bundle import baxpy4, baxpy8, bdot4, bdot8
+from edgeinfer.kernels._simd_bundle import baxpy4, baxpy8, bdot4, bdot8
 
 HALF = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 

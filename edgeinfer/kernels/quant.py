@@ -26,8 +26,20 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._simd import (HAS_VNNI, VW, W, hdot_1x1, hdot_2x4, hdot_2x8, qdot_1x1, qdot_4x1,
-                    qdot_i8_1, qdot_i8_4, qgemm_2x4, qgemm_2x8)
+from edgeinfer.kernels._simd import (
+    HAS_VNNI,
+    VW,
+    W,
+    hdot_1x1,
+    hdot_2x4,
+    hdot_2x8,
+    qdot_1x1,
+    qdot_4x1,
+    qdot_i8_1,
+    qdot_i8_4,
+    qgemm_2x4,
+    qgemm_2x8,
+)
 
 SUPPORTED_BITS = (2, 4, 8)
 # Above this many bytes of activations per row, x stops fitting in L1 next to the

@@ -1,6 +1,6 @@
 """Mixtral (Llama attention; a sparse MoE FFN: softmax router, top-k, renormalised weights)."""
-from ..moe_functions import moe_layer
-from .llama import TABLE as _LLAMA
+from edgeinfer.export.archs.llama import TABLE as _LLAMA
+from edgeinfer.export.moe_functions import moe_layer
 
 P = "model.layers.{i}."
 _ATTENTION = {k: v for k, v in _LLAMA.items() if k not in ("gate", "gate.bias", "up", "up.bias", "down", "down.bias")}

@@ -4,10 +4,10 @@ renormalisation, plus a shared expert scaled by sigmoid(shared_expert_gate x)).
 Layers listed in mlp_only_layers (or off the decoder_sparse_step) have a dense MLP
 instead; they are found by which tensors the checkpoint holds.
 """
-from .. import decoder
-from ..moe_functions import moe_layer
-from . import mixtral
-from .llama import TABLE as _LLAMA
+from edgeinfer.export import decoder
+from edgeinfer.export.archs import mixtral
+from edgeinfer.export.archs.llama import TABLE as _LLAMA
+from edgeinfer.export.moe_functions import moe_layer
 
 P = "model.layers.{i}."
 TABLE = dict(_LLAMA, **{

@@ -1,0 +1,91 @@
+"""A loaded model: manifest, tokenizer, executor; forward passes and generation."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from edgeinfer.format.config import ModelConfig
+from edgeinfer.format.manifest import Manifest
+from edgeinfer.runtime.executor import Executor, RunState
+from edgeinfer.runtime.generate import Completion, stream_text
+from edgeinfer.runtime.kv_cache import KVCache
+from edgeinfer.runtime.sampling import SamplingConfig
+from edgeinfer.runtime.tokenizer import Tokenizer
+
+
+class Model:
+    """Returned by `edgeinfer.load`. Thread safety: each generate call owns its KV
+    cache, so several threads may generate on one Model at once; weights are shared
+    read-only."""
+
+    def __init__(self, manifest: Manifest, executor: Executor, tokenizer: Tokenizer, *, resident_bytes: int,
+                 plan=None, stats=None):
+        self.manifest = manifest
+        self.config: ModelConfig = manifest.config
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.resident_bytes = resident_bytes
+        self.plan = plan            # what is resident, what streams (edgeinfer.streaming.plan)
+        self.stats = stats          # RuntimeStats: I/O, window and cache counters
+        gen = manifest.generation
+        self.max_context = int(gen.get("max_context", self.config.max_position_embeddings))
+        self.eos_token_ids = tuple(gen.get("eos_token_ids", self.config.eos_token_ids))
+        self.bos_token_id = gen.get("bos_token_id", self.config.bos_token_id)
+        self.last_completion: Completion | None = None
+
+    def close(self) -> None:
+        """Close the weight files streaming reads from (resident weights stay usable)."""
+        if self.plan is not None:
+            self.plan.close()
+
+    @property
+    def mode(self) -> str:
+        return self.plan.mode if self.plan is not None else "resident"
+
+    @property
+    def path(self):
+        return self.manifest.folder
+
+    def new_cache(self) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, self.max_context)
+
+    def forward(self, ids, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
+        """Run len(ids) new tokens after the cache's; returns logits [1 or S, vocab]."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("forward needs at least one token")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        cache.reserve(ids.size)
+        pos = np.arange(cache.length, cache.length + ids.size, dtype=np.int64)
+        logits = self.executor.run(ids, pos, RunState(kv=cache, last_only=not all_logits))
+        cache.commit(ids.size)
+        return logits
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits for every position of a sequence, from an empty cache (perplexity, parity)."""
+        return self.forward(ids, self.new_cache(), all_logits=True)
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop=(), repetition_penalty: float = 1.0,
+                 stream: bool = False) -> str | Iterator[str]:
+        """Complete `prompt`. Returns the new text, or with stream=True an iterator of pieces.
+
+        Ctrl-C during a non-streaming call returns the text so far (finish_reason
+        "interrupted" in model.last_completion); the model stays usable.
+        """
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             seed=seed, stop=stop, repetition_penalty=repetition_penalty)
+        completion = Completion()
+        self.last_completion = completion
+        pieces = stream_text(self, prompt, cfg, completion)
+        if stream:
+            return pieces
+        try:
+            for _ in pieces:
+                pass
+        except KeyboardInterrupt:
+            completion.finish_reason = "interrupted"
+        return completion.text

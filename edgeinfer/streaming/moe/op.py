@@ -1,0 +1,356 @@
+"""Streaming MoE (the plan plugin for edgeinfer.MoE): experts come from experts.bin
+through each layer's expert cache under the memory budget.
+
+Per layer call: route; pin the cached experts and queue the reads of the missing ones,
+as one batch, on the prefetch thread, behind this layer's own prefetch (HOBBIT's
+token-level dynamic expert loading: a miss whose gate weight is below
+`expert_low_threshold` reads the low-precision copy; a cached high copy is always used);
+queue the next layer's prefetch (prefetch.py); run the cached experts while the reads
+go on, then the rest. Every read lands in a pinned, not yet ready slot; the cache's
+bookkeeping is under its lock, so the reads run outside it.
+
+Modes: "streaming" (and "oracle": routing is exact anyway) use the options as given;
+"naive" is the no-reuse baseline: room for one token's experts, each read at full
+precision every time it is needed, no prefetch.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from collections import Counter
+
+import numpy as np
+
+from edgeinfer.errors import BudgetError, ChecksumError
+from edgeinfer.format.experts import HIGH, LOW, ExpertLayout
+from edgeinfer.kernels.experts import add_expert
+from edgeinfer.streaming.moe.expert_cache import ExpertCache, block_geometry
+from edgeinfer.streaming.moe.prefetch import Prefetcher
+from edgeinfer.streaming.moe.resident import MoENode
+from edgeinfer.streaming.moe.router import tokens_by_expert
+
+
+def minimum_bytes(node, manifest, options, mode) -> int:
+    """Room for one token's experts at full precision."""
+    return int(node.attrs["top_k"]) * block_geometry(ExpertLayout.from_attrs(node.attrs))[2]
+
+
+def streamed_inputs(node) -> list[str]:
+    """The inputs read from flash: the expert records (the router and shared expert stay resident)."""
+    return [name for name in node.inputs[2:4] if name]
+
+
+def make(node, const, ctx):
+    return StreamedMoE(node, const, ctx)
+
+
+_KEY = ("moe-runtime",)     # where a model's MoERuntime lives in its StreamContext.files
+
+
+class MoERuntime:
+    """What the streamed MoE layers of one model share: their order, the prefetch thread,
+    and counters beyond RuntimeStats (experts run at low precision, prefetch reads)."""
+
+    def __init__(self):
+        self.layers: dict[int, StreamedMoE] = {}
+        self.prefetcher = Prefetcher()
+        self.counts: Counter = Counter()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, ctx) -> "MoERuntime":
+        return ctx.files.setdefault(_KEY, cls())
+
+    def add(self, layer: "StreamedMoE") -> None:
+        self.layers[layer.layer] = layer
+        self._order = sorted(self.layers)
+
+    def is_first(self, layer: int) -> bool:
+        return layer == self._order[0]
+
+    def next_layer(self, layer: int) -> "StreamedMoE | None":
+        later = [i for i in self._order if i > layer]
+        return self.layers[later[0]] if later else None
+
+    def count(self, **kw) -> None:
+        with self._lock:
+            self.counts.update(kw)
+
+    def cache_bytes(self) -> int:
+        return sum(layer.cache.nbytes for layer in self.layers.values())
+
+
+def runtime_of(model) -> MoERuntime | None:
+    """The MoE runtime of a loaded model (None when no MoE layer streams)."""
+    ctx = getattr(model.plan, "context", None)
+    return ctx.files.get(_KEY) if ctx is not None else None
+
+
+class StreamedMoE:
+    def __init__(self, node, const, ctx):
+        self.moe = MoENode(node, const)
+        self.layer = self.moe.layer
+        self.layout = layout = self.moe.layout
+        high = ctx.manifest.tensors[node.inputs[2]]
+        self.file = ctx.file(high.file)
+        self.high_at = high.offset
+        self.low_at = None
+        if layout.low_bits and not layout.low_nested:
+            self.low_at = ctx.manifest.tensors[node.inputs[3]].offset
+        opts = ctx.options
+        # tensor -> (crc32 [E, stages] of its records, which of them a read has matched).
+        # A stage is checked the first time it is read: corruption on flash persists, so a
+        # record that matched once is trusted (checking every re-read would cost a crc32
+        # pass, ~1 GB/s here, over every streamed byte).
+        self.crcs = {}
+        if opts.verify_reads:
+            for name in streamed_inputs(node):
+                if f"{name}.crc32" in ctx.manifest.tensors:
+                    crc = const(f"{name}.crc32")
+                    self.crcs[name] = (crc, np.zeros(crc.shape, bool))
+        self.tensor_names = {HIGH: node.inputs[2], LOW: node.inputs[3] if self.low_at is not None else node.inputs[2]}
+        self.naive = ctx.mode == "naive"
+        top_k = self.moe.top_k
+        capacity = minimum_bytes(node, None, opts, ctx.mode) if self.naive else ctx.share
+        self.cache = ExpertCache(layout, capacity, "lru" if self.naive else opts.expert_policy, min_blocks=top_k)
+        self.threshold = 0.0 if self.naive or not layout.low_bits else float(opts.expert_low_threshold)
+        self.prefetch = bool(opts.prefetch) and not self.naive
+        self.stats = ctx.stats
+        self.runtime = MoERuntime.of(ctx)
+        self.runtime.add(self)
+        self.lock = threading.Lock()             # one call of this layer at a time
+        self.shared_lock = ctx.lock              # streamed layers run one at a time (plan.StreamContext)
+
+    # -- where an expert's bytes are --------------------------------------------------------
+    def _range(self, expert: int, precision: str) -> tuple[int, int]:
+        L = self.layout
+        if precision == HIGH:
+            return self.high_at + expert * L.high_bytes, L.high_bytes
+        if L.low_nested:                         # the low copy is the record's prefix
+            return self.high_at + expert * L.high_bytes, L.low_bytes
+        return self.low_at + expert * L.low_bytes, L.low_bytes
+
+    def precision(self, weight: float) -> str:
+        return LOW if weight < self.threshold else HIGH
+
+    # -- loading ------------------------------------------------------------------------
+    def _load(self, wants):
+        """Pin a usable cached copy of each (expert, precision), reading the missing ones as
+        one batch. Returns (entries, entries read now). Thread-safe: the cache's bookkeeping
+        happens under its lock, the read outside it (into pinned, not yet ready slots)."""
+        cache = self.cache
+        entries, fresh, requests, dests = [], [], [], []
+        try:
+            with cache.lock:
+                evicted0 = cache.counts.evicted
+                try:
+                    self._reserve(wants, entries, fresh, requests, dests)
+                finally:
+                    self.stats.add(experts_evicted=cache.counts.evicted - evicted0)
+            if requests:
+                self.file.read_batch(requests, out=cache.buffer, dest=dests)
+                for ent, (off, n) in zip(fresh, requests):
+                    self._verify(ent, off, n)
+        except BaseException:                    # StorageError, ChecksumError, Ctrl-C: keep the cache truthful
+            with cache.lock:
+                for ent in fresh:
+                    cache.drop(ent)
+                for ent in entries:
+                    cache.release(ent)
+            raise
+        with cache.lock:
+            for ent in fresh:
+                cache.commit(ent)
+        return entries, fresh
+
+    def _reserve(self, wants, entries, fresh, requests, dests) -> None:
+        """_load's bookkeeping (under the cache's lock): pin what is cached, reserve the rest."""
+        cache, L = self.cache, self.layout
+        for e, prec in wants:
+            have = cache.get(e)
+            if have is not None and (have.precision == HIGH or prec == LOW):
+                entries.append(cache.pin(have))
+                continue
+            new = None
+            if have is not None and L.low_nested:    # upgrade in place: read the rest after the prefix
+                new = cache.upgrade_in_place(have)
+                if new is not None:
+                    off, n = self._range(e, prec)
+                    entries.append(new)
+                    fresh.append(new)
+                    requests.append((off + L.low_bytes, n - L.low_bytes))
+                    dests.append(cache.offset(new) + L.low_bytes)
+                    continue
+            if have is not None:                 # upgrade: keep the low copy while a slot is found
+                try:
+                    new = cache.reserve(e, prec, keep=have)
+                except BudgetError:              # no room beside it: read the whole record instead
+                    cache.drop(have)
+                    have = None
+            if new is None:
+                new = cache.reserve(e, prec)
+            entries.append(new)
+            fresh.append(new)
+            at = cache.offset(new)
+            off, n = self._range(e, prec)
+            if have is not None:
+                if L.low_nested:                 # the record's prefix is the low copy: copy, read the rest
+                    cache.buffer[at:at + L.low_bytes] = cache.view(have)
+                    off, n, at = off + L.low_bytes, n - L.low_bytes, at + L.low_bytes
+                    new.prefetched = have.prefetched     # a prefetched prefix still saved its read
+                cache.drop(have)
+            requests.append((off, n))
+            dests.append(at)
+
+    def _verify(self, entry, off: int, n: int) -> None:
+        """Check the stages a read covered against their crc32 (edgeinfer/moe/layout.py stages)."""
+        name = self.tensor_names[entry.precision]
+        if name not in self.crcs:
+            return
+        crcs, checked = self.crcs[name]
+        L = self.layout
+        fmt = L.high if name == self.tensor_names[HIGH] else L.low
+        base = self.high_at if name == self.tensor_names[HIGH] else self.low_at
+        row = fmt.record_bytes
+        start = off - base - entry.expert * row            # where in the record the read began
+        at = self.cache.offset(entry)
+        bounds = fmt.stage_offsets() + [fmt.record_bytes]
+        for s, (a, z) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if a < start or z > start + n or checked[entry.expert, s]:
+                continue
+            if zlib.crc32(self.cache.buffer[at + a:at + z]) != crcs[entry.expert, s]:
+                raise ChecksumError(f"{self.file.path}: checksum mismatch in expert {entry.expert} of {name} (stage "
+                                    f"{s}, offset {base + entry.expert * row + a}): the file is corrupted; "
+                                    "re-export the model")
+            checked[entry.expert, s] = True
+
+    def _prefetch_into(self, wants) -> None:
+        """Runs on the prefetch thread: read this layer's guessed experts into its cache.
+        A guess finds no room while this layer's own call pins the cache: it is skipped."""
+        try:
+            entries, fresh = self._load(wants)
+        except BudgetError:
+            entries, fresh = [], []
+            for want in wants:
+                try:
+                    ent, new = self._load([want])
+                except BudgetError:
+                    continue
+                entries += ent
+                fresh += new
+        with self.cache.lock:
+            for ent in fresh:
+                ent.prefetched = True
+            for ent in entries:
+                self.cache.release(ent)
+        if fresh:
+            self.stats.add(prefetch_issued=len(fresh))
+            self.runtime.count(prefetch_bytes=sum(self._range(e.expert, e.precision)[1] for e in fresh))
+
+    def _start_prefetch(self, x: np.ndarray) -> None:
+        nxt = self.runtime.next_layer(self.layer)
+        if nxt is None:
+            return
+        idx, w = nxt.moe.route(x[-1:])
+        wants = [(int(e), nxt.precision(float(v))) for e, v in zip(idx[0], w[0])]
+        self.runtime.prefetcher.submit(nxt.layer, nxt._prefetch_into, wants)
+
+    # -- the layer ------------------------------------------------------------------------
+    def __call__(self, state, x, *_):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        rt = self.runtime
+        with self.shared_lock:
+            idx, w = self.moe.route(x)
+            groups = tokens_by_expert(idx, w)
+            with self.lock:
+                y = self._run(x, groups)
+        if rt.is_first(self.layer):
+            self.stats.add(tokens=x.shape[0])
+        return self.moe.finish(x, y)
+
+    def _run(self, x: np.ndarray, groups) -> np.ndarray:
+        """Run this call's experts. The copies already cached run first while the missing ones
+        are read on the prefetch thread (after this layer's prefetch, which may still be
+        reading: its slots are pinned and not ready, so they are left to the read); then
+        the next layer's prefetch is queued and the rest run as their reads complete."""
+        cache, rt = self.cache, self.runtime
+        with cache.lock:
+            cache.tick()
+            wants = []
+            for e, (_, wts) in groups.items():
+                top = float(wts.max())
+                cache.used(e, low_eligible=top < self.threshold)
+                wants.append((e, self.precision(top)))
+            # cached experts first, so reading the others cannot evict them
+            wants.sort(key=lambda ew: cache.get(ew[0]) is None)
+        y = np.zeros_like(x)
+        hits = loaded = low_loaded = run_low = used_prefetch = 0
+        io_s = compute_s = 0.0
+        step = cache.blocks
+        for start in range(0, len(wants), step):
+            chunk = wants[start:start + step]
+            t0 = time.perf_counter()
+            ready, rest = [], []
+            with cache.lock:                     # usable, ready copies: pinned now, run while the rest is read
+                for e, prec in chunk:
+                    have = None if self.naive else cache.get(e)
+                    if have is not None and (have.precision == HIGH or prec == LOW):
+                        ready.append((e, cache.pin(have)))
+                    else:
+                        rest.append((e, prec))
+            job = None
+            if rest and not self.naive:          # FIFO behind this layer's prefetch, ahead of the next one
+                job = rt.prefetcher.run(self._load, rest)
+            if start == 0 and self.prefetch:
+                self._start_prefetch(x)
+            entries, fresh = [], []
+            if rest and self.naive:
+                entries, fresh = self._load(rest)
+            t1 = time.perf_counter()
+            io_s += t1 - t0
+            pinned = [ent for _, ent in ready]
+            try:
+                try:
+                    compute_s += self._compute(x, y, groups, ready)
+                finally:
+                    if job is not None:          # wait for the read even when the above failed: its pins
+                        t2 = time.perf_counter()
+                        try:
+                            entries, fresh = job.result()
+                        finally:
+                            io_s += time.perf_counter() - t2
+                pinned += entries
+                pairs = [(e, ent) for (e, _), ent in zip(rest, entries)]
+                compute_s += self._compute(x, y, groups, pairs)
+            finally:
+                with cache.lock:
+                    for ent in pinned:
+                        cache.release(ent)
+                        if self.naive:
+                            cache.drop(ent)
+            loaded += len(fresh)
+            low_loaded += sum(ent.precision == LOW for ent in fresh)
+            hits += len(ready) + len(entries) - len(fresh)
+            run_low += sum(ent.precision == LOW for _, ent in ready + pairs)
+            used_prefetch += sum(ent.prefetched for _, ent in ready + pairs)
+            for _, ent in ready + pairs:
+                ent.prefetched = False
+        if rt.next_layer(self.layer) is None:    # nothing reads after the last layer's call returns
+            t0 = time.perf_counter()
+            rt.prefetcher.wait(self.layer)
+            io_s += time.perf_counter() - t0
+        else:                                    # its error, if it is done (one still reading goes on)
+            rt.prefetcher.collect(self.layer)
+        self.stats.add(experts_needed=len(wants), experts_hit=hits, experts_loaded=loaded,
+                       experts_low_precision=low_loaded,
+                       prefetch_hits=used_prefetch, io_wait_seconds=io_s, compute_seconds=compute_s)
+        self.runtime.count(experts_run=len(wants), experts_run_low=run_low)
+        return y
+
+    def _compute(self, x, y, groups, pairs) -> float:
+        t0 = time.perf_counter()
+        for e, ent in pairs:
+            rows, wts = groups[e]
+            add_expert(y, x, rows, wts, self.cache.view(ent), self.layout.format(ent.precision))
+        return time.perf_counter() - t0
