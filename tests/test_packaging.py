@@ -3,6 +3,7 @@ repository's export/, native/ and devices/ folders inside it, and everything the
 reads at run time (device profiles, the C reader's source, the demo model)."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,7 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
+    src = out / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "fixtures", "build", "*.egg-info", "__pycache__"))
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)],
                        capture_output=True, text=True)
     if p.returncode != 0:
         pytest.fail(f"building the wheel failed:\n{p.stdout}\n{p.stderr}")
