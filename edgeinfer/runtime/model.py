@@ -55,9 +55,9 @@ class Model:
         """Run len(ids) new tokens after the cache's; returns logits [1 or S, vocab]."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
-            raise ValueError("forward needs at least one token")
+            raise InvalidArgumentError("forward needs at least one token id")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+            raise InvalidArgumentError(f"token ids must be in 0..{self.config.vocab_size - 1} (the model's vocabulary)")
         cache.reserve(ids.size)
         pos = np.arange(cache.length, cache.length + ids.size, dtype=np.int64)
         logits = self.executor.run(ids, pos, RunState(kv=cache, last_only=not all_logits))

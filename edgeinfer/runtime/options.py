@@ -25,7 +25,7 @@ EXPERT_POLICIES = ("lru", "hobbit")
 #            multiplied in int32 by AVX512-VNNI, as llama.cpp's Q8_0 activations and
 #            onnxruntime's MatMulNBits accuracy_level=4 (which the ort / hybrid backends
 #            then use). Where the host or a node's layout has no int8 path, those nodes
-#            keep float32 with a warning (errors.ActivationsWarning).
+#            keep float32 with a warning (edgeinfer.errors.ActivationsWarning).
 MATMUL_ACTIVATIONS = ("float32", "int8")
 
 
