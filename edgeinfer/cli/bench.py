@@ -35,8 +35,8 @@ def register(sub) -> None:
                        description="Measure time to first token, decode ms/token (p50/p90), tokens/s, bytes read "
                                    "from flash and DRAM per token, I/O vs compute time, cache hit rates and peak "
                                    "memory, beside the cost model's prediction and the physical floor "
-                                   "(bytes / bandwidth). The model: -m MODEL_DIR (default: the built-in demo); the word "
-                                   "`synthetic` with -o DIR makes a large synthetic model (options at the end).",
+                                   "(bytes / bandwidth). The model: -m MODEL_DIR (default: the built-in demo); the "
+                                   "word `synthetic` with -o DIR makes a large synthetic model (options at the end).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model(p)
     p.add_argument("--compare", default=None, metavar="MODES",

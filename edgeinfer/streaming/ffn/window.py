@@ -79,7 +79,7 @@ class NeuronWindow:
         adjacent slots when free slots are); the caller reads their records there."""
         n = neurons.size
         if n > self.nfree:
-            raise InternalError("neuron window overflow: a bug in edgeinfer; please report it")   # callers make room first
+            raise InternalError("neuron window overflow: callers make room first (a bug in edgeinfer; please report it)")
         slots = np.sort(self.free[self.nfree - n:self.nfree])
         self.nfree -= n
         self.slot_of[neurons] = slots
