@@ -24,6 +24,9 @@ def model():
     (dict(mode="x"), "unknown mode 'x'"),
     (dict(activations="int4"), "unknown activations 'int4'"),
     (dict(window=-1), "window must be"),
+    (dict(threshold="high"), "threshold must be a probability"),
+    (dict(io_threads="many"), "io_threads must be"),
+    (dict(windw=3), "unknown option windw; load.. takes mode, window"),
 ])
 def test_bad_load_arguments(kw, message):
     with pytest.raises(InvalidArgumentError, match=message) as exc:

@@ -51,7 +51,7 @@ def load(path: str | os.PathLike | None = None, *, memory_budget=None, backend: 
         profile = load_profile(device)
         if memory_budget is None:
             memory_budget = profile.default_memory_budget
-    opts = options.pop("runtime_options", None) or RuntimeOptions(**options)
+    opts = options.pop("runtime_options", None) or RuntimeOptions.from_kwargs(**options)
     if threads is not None:
         import numba
         numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))

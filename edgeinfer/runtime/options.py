@@ -3,7 +3,8 @@ the API accepts, their defaults, and RuntimeOptions, validated once when it is b
 (Sampling defaults live beside SamplingConfig in edgeinfer/runtime/sampling.py.)"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 from edgeinfer.errors import InvalidArgumentError
 
@@ -58,15 +59,33 @@ class RuntimeOptions:
             raise InvalidArgumentError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if not (isinstance(self.window, int) and 0 <= self.window <= 1 << 16):
             raise InvalidArgumentError("window must be an integer >= 0")
-        if self.threshold is not None and not (0.0 <= float(self.threshold) <= 1.0):
+        if self.threshold is not None and not (_number(self.threshold) and 0.0 <= self.threshold <= 1.0):
             raise InvalidArgumentError("threshold must be a probability in [0, 1]")
         if self.expert_policy not in EXPERT_POLICIES:
             raise InvalidArgumentError(f"unknown expert policy {self.expert_policy!r}; choose one of "
-                                 f"{', '.join(EXPERT_POLICIES)}")
-        if not 0.0 <= float(self.expert_low_threshold) <= 1.0:
+                                       f"{', '.join(EXPERT_POLICIES)}")
+        if not (_number(self.expert_low_threshold) and 0.0 <= self.expert_low_threshold <= 1.0):
             raise InvalidArgumentError("expert_low_threshold must be in [0, 1]")
-        if not (self.io_threads >= 1 and self.io_depth >= 0):
+        if not (_integer(self.io_threads) and _integer(self.io_depth) and self.io_threads >= 1
+                and self.io_depth >= 0):
             raise InvalidArgumentError("io_threads must be >= 1 and io_depth >= 0")
         if self.activations not in MATMUL_ACTIVATIONS:
             raise InvalidArgumentError(f"unknown activations {self.activations!r}; choose one of "
-                                 f"{', '.join(MATMUL_ACTIVATIONS)}")
+                                       f"{', '.join(MATMUL_ACTIVATIONS)}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> RuntimeOptions:
+        """RuntimeOptions from load()'s keyword arguments; an unknown name is an InvalidArgumentError."""
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise InvalidArgumentError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                                       f"load() takes {', '.join(f.name for f in fields(cls))}")
+        return cls(**kwargs)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
