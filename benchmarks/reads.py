@@ -53,13 +53,14 @@ def main() -> int:
     ap.add_argument("--sizes", type=size, nargs="+", default=[size(s) for s in ("4K", "8K", "12K", "32K", "1M")])
     ap.add_argument("--depths", type=int, nargs="+", default=[0, 32, 128, 256],
                     help="io_uring reads in flight; 0 = pread threads (default: 0 32 128 256)")
-    ap.add_argument("--threads", type=int, default=16, help="pread threads for depth 0 (default: 16)")
+    ap.add_argument("--io-threads", "--threads", dest="threads", type=int, default=16,
+                    help="read (pread) threads for depth 0 (default: 16)")
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", help="write the numbers as JSON here ('-': stdout)")
     args = ap.parse_args()
     if min(args.depths) < 0 or args.threads < 1 or args.seconds <= 0 or args.rounds < 1:
-        ap.error("--depths must be >= 0, --threads and --rounds >= 1, --seconds > 0")
+        ap.error("--depths must be >= 0, --io-threads and --rounds >= 1, --seconds > 0")
     if args.file is not None and not args.file.is_file():
         ap.error(f"--file {args.file}: no such file")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeinfer.errors import DeviceProfileError
+from edgeinfer.errors import DeviceProfileError, InvalidArgumentError
 from edgeinfer.io.measure import DEFAULT_CHUNKS, measure_read_bandwidth
 
 PRECISIONS = ("int2", "int4", "int8", "float16", "bfloat16", "float32")
@@ -65,7 +65,7 @@ class DeviceProfile:
         log-log between table entries. Below the table, reads are latency-bound
         (bandwidth proportional to size); above it, the last entry holds."""
         if chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+            raise InvalidArgumentError(f"chunk_bytes must be positive, got {chunk_bytes}")
         sizes = np.array([c for c, _ in self.flash_read_gbps], dtype=np.float64)
         gbps = np.array([g for _, g in self.flash_read_gbps], dtype=np.float64)
         if chunk_bytes <= sizes[0]:

@@ -6,7 +6,7 @@ from edgeinfer.errors import EdgeInferError  # noqa: E402
 
 
 def load(path=None, **kwargs):
-    """Load a model folder (default: the built-in demo). See edgeinfer.api.load."""
+    """Load a model folder (default: the built-in demo). See edgeinfer.runtime.loader.load."""
     from edgeinfer.runtime.loader import load as _load
     return _load(path, **kwargs)
 

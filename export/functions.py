@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import FunctionProto, TensorProto, helper, numpy_helper
 
+from edgeinfer.errors import InvalidArgumentError
+
 DOMAIN = "edgeinfer"
 OPSET = 18
 OPSET_IMPORTS = [helper.make_opsetid("", OPSET)]
@@ -70,7 +72,7 @@ def gather_nbits(bits: int, block_size: int, k: int) -> FunctionProto:
         shape = b.op("Concat", b.op("Shape", "ids"), b.const([nb, block_size]), axis=0)
         codes = b.op("Reshape", pair, shape)                             # element 2j low, 2j+1 high
     else:
-        raise ValueError(f"GatherNBits supports 4 and 8 bits, not {bits}")
+        raise InvalidArgumentError(f"GatherNBits supports 4 and 8 bits, not {bits}")
     centred = b.op("Sub", b.op("Cast", codes, to=TensorProto.FLOAT), b.const(2.0 ** (bits - 1), np.float32))
     s2 = b.op("Reshape", "scales", b.const([-1, nb]))
     s = b.op("Unsqueeze", b.op("Gather", s2, "ids", axis=0), b.const([-1]))

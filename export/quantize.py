@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeinfer.errors import InvalidArgumentError
+
 SUPPORTED_BITS = (2, 4, 8)
 
 
 def quantize(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Quantize float weights [N, K] -> (packed uint8 [N, nb, blob], scales float32 [N, nb])."""
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+        raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     n, k = w.shape
     if k % block_size:
-        raise ValueError(f"K={k} is not a multiple of block_size={block_size}")
+        raise InvalidArgumentError(f"K={k} is not a multiple of block_size={block_size}: "
+                                   f"choose a group size that divides {k}")
     nb = k // block_size
     blocks = np.asarray(w, dtype=np.float32).reshape(n, nb, block_size)
     qmax = 2 ** (bits - 1) - 1

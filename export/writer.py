@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeinfer.errors import EdgeInferError
+from edgeinfer.errors import EdgeInferError, InternalError
 from edgeinfer.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 
 ALIGN = 4096  # every tensor starts on a 4 KiB boundary: O_DIRECT and mmap friendly
@@ -76,7 +76,7 @@ class ModelFolderWriter:
     def add_tensor(self, name: str, array: np.ndarray, file: str) -> onnx.TensorProto:
         """Store `array` in weight file `file` and return the ONNX initializer that points at it."""
         if name in self.tensors:
-            raise ValueError(f"tensor {name} written twice")
+            raise InternalError(f"tensor {name} written twice: a bug in the exporter; please report it")
         wf = self.files.get(file) or self.files.setdefault(file, WeightFile(self.tmp, file))
         offset, nbytes, crc = wf.append(array)
         self.tensors[name] = {"file": file, "offset": offset, "nbytes": nbytes, "dtype": array.dtype.name,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger("edgeinfer.native")
+log = logging.getLogger(__name__)
 
 ABI_VERSION = 2
 SOURCE = "fastread.c"

@@ -14,7 +14,7 @@ import edgeinfer
 from edgeinfer.bench.perplexity import perplexity
 from edgeinfer.errors import EdgeInferError
 from edgeinfer.kernels import _simd
-from edgeinfer.runtime.executor import ActivationsWarning
+from edgeinfer.errors import ActivationsWarning
 from edgeinfer.runtime.options import RuntimeOptions
 
 PROMPTS = ["Once upon a time", "In the beginning of the war, the king said that"]

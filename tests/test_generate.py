@@ -15,14 +15,20 @@ def model():
 
 
 def test_demo_model_generates_text(model):
-    text = model.generate("Once upon a time", max_new_tokens=16)
-    assert len(model.last_completion.token_ids) > 0 and isinstance(text, str) and text.strip()
+    result = model.generate("Once upon a time", max_new_tokens=16)
+    assert len(result.token_ids) > 0 and isinstance(result.text, str) and result.text.strip()
+    assert str(result) == result.text
 
 
 def test_stream_equals_non_stream(model):
     full = model.generate("The king said", max_new_tokens=24)
-    pieces = list(model.generate("The king said", max_new_tokens=24, stream=True))
-    assert "".join(pieces) == full and len(pieces) > 1
+    steps = list(model.generate("The king said", max_new_tokens=24, stream=True))
+    assert "".join(map(str, steps)) == full.text and len(steps) > 1
+    assert [s.token for s in steps if s.token is not None] == list(full.token_ids)
+    assert all(s.finish_reason is None and s.result is None for s in steps[:-1])
+    last = steps[-1].result
+    assert steps[-1].finish_reason == full.finish_reason == last.finish_reason
+    assert (last.text, last.token_ids, last.prompt_tokens) == (full.text, full.token_ids, full.prompt_tokens)
 
 
 def test_seeded_sampling_is_reproducible(model):
@@ -30,20 +36,20 @@ def test_seeded_sampling_is_reproducible(model):
     a = model.generate("The king said", seed=1, **kw)
     b = model.generate("The king said", seed=1, **kw)
     c = model.generate("The king said", seed=2, **kw)
-    assert a == b and a != c
+    assert a.text == b.text and a.text != c.text
 
 
 def test_stop_string_ends_generation(model):
-    full = model.generate("The king said", max_new_tokens=40)
+    full = model.generate("The king said", max_new_tokens=40).text
     stop = full[5:8]
     assert stop and full.index(stop) >= 1
-    text = model.generate("The king said", max_new_tokens=40, stop=[stop])
-    assert text == full[: full.index(stop)] and model.last_completion.finish_reason == "stop"
+    result = model.generate("The king said", max_new_tokens=40, stop=[stop])
+    assert result.text == full[: full.index(stop)] and result.finish_reason == "stop"
 
 
 def test_max_tokens_and_context_window(model):
-    model.generate("The king said", max_new_tokens=5)
-    assert len(model.last_completion.token_ids) <= 5
+    result = model.generate("The king said", max_new_tokens=5)
+    assert len(result.token_ids) <= 5
     long = "the king " * model.max_context
     with pytest.raises(ContextLengthError, match=r"prompt has \d+ tokens; the model's context window is 512"):
         model.generate(long, max_new_tokens=4)

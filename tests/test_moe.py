@@ -82,8 +82,8 @@ def _check_parity(model, ref, name):
         diff = np.abs(model.logits(ids) - want).max()
         print(f"{name} {prompt!r}: max |logit diff| vs transformers {diff:.2e}")
         assert diff < F16_LOGIT_ATOL
-        model.generate(prompt, max_new_tokens=32)
-        assert model.last_completion.token_ids == out[0, len(ids):].tolist()
+        result = model.generate(prompt, max_new_tokens=32)
+        assert list(result.token_ids) == out[0, len(ids):].tolist()
 
 
 # -- parity with transformers (full precision, unlimited budget) ---------------------------------

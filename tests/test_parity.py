@@ -42,9 +42,9 @@ def test_greedy_32_tokens_match_transformers(name, exported, hf_model):
             out = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                                pad_token_id=1)
         want = out[0, len(ids):].tolist()
-        model.generate(prompt, max_new_tokens=32)
-        got = model.last_completion.token_ids
-        assert got == want[:len(got)] and (len(got) == 32 or model.last_completion.finish_reason == "eos")
+        result = model.generate(prompt, max_new_tokens=32)
+        got = list(result.token_ids)
+        assert got == want[:len(got)] and (len(got) == 32 or result.finish_reason == "eos")
 
 
 @pytest.mark.parametrize("quant", ["f16", "int8", "int4"])

@@ -40,14 +40,14 @@ def _ffn_files(model):
 
 def test_eio_while_streaming_stops_generation_and_model_recovers(streamed_folder):
     budget = ffn_budget(streamed_folder, 0.3)
-    want = edgeinfer.load(streamed_folder, memory_budget=budget).generate(PROMPT, max_new_tokens=12)
+    want = edgeinfer.load(streamed_folder, memory_budget=budget).generate(PROMPT, max_new_tokens=12).text
     model = edgeinfer.load(streamed_folder, memory_budget=budget)
     (f,) = _ffn_files(model)
     f.faults = FaultInjector().eio_on_call(5, times=100)     # a failing device: retries run out
     with pytest.raises(StorageError, match=r"cannot read \d+ bytes at offset \d+ of .*ffn.bin: .*after 4 attempt"):
         model.generate(PROMPT, max_new_tokens=12)
     f.faults = None                                          # the device recovers
-    assert model.generate(PROMPT, max_new_tokens=12) == want
+    assert model.generate(PROMPT, max_new_tokens=12).text == want
 
 
 def _windows_hold_true_records(model) -> bool:
@@ -72,7 +72,7 @@ def test_ctrl_c_during_a_background_read_keeps_windows_truthful(streamed_folder,
     arrived: the next generation is exact and every held record matches the file."""
     from edgeinfer.io import WeightFile
     budget = ffn_budget(streamed_folder, 0.3)
-    want = edgeinfer.load(streamed_folder, memory_budget=budget).generate(PROMPT, max_new_tokens=12)
+    want = edgeinfer.load(streamed_folder, memory_budget=budget).generate(PROMPT, max_new_tokens=12).text
     model = edgeinfer.load(streamed_folder, memory_budget=budget)
     real = WeightFile.read_batch
     calls = {"n": 0}
@@ -84,20 +84,20 @@ def test_ctrl_c_during_a_background_read_keeps_windows_truthful(streamed_folder,
         return real(self, *a, **kw)
 
     monkeypatch.setattr(WeightFile, "read_batch", interrupted)
-    text = model.generate(PROMPT, max_new_tokens=12)
-    assert calls["n"] >= 9 and model.last_completion.finish_reason == "interrupted"
+    result = model.generate(PROMPT, max_new_tokens=12)
+    assert calls["n"] >= 9 and result.finish_reason == "interrupted"
     monkeypatch.setattr(WeightFile, "read_batch", real)
     assert _windows_hold_true_records(model)
-    assert model.generate(PROMPT, max_new_tokens=12) == want and want.startswith(text)
+    assert model.generate(PROMPT, max_new_tokens=12).text == want and want.startswith(result.text)
 
 
 def test_short_reads_and_transient_eio_are_absorbed(streamed_folder):
     budget = ffn_budget(streamed_folder, 0.3)
-    want = edgeinfer.load(streamed_folder, memory_budget=budget).generate(PROMPT, max_new_tokens=12)
+    want = edgeinfer.load(streamed_folder, memory_budget=budget).generate(PROMPT, max_new_tokens=12).text
     model = edgeinfer.load(streamed_folder, memory_budget=budget)
     (f,) = _ffn_files(model)
     f.faults = FaultInjector().short_reads(every=3, block=4096).eio_on_call(7, times=2)
-    assert model.generate(PROMPT, max_new_tokens=12) == want
+    assert model.generate(PROMPT, max_new_tokens=12).text == want
     assert f.faults.injected_eio == 2 and model.stats.snapshot()["io_retries"] >= 2
 
 
@@ -114,7 +114,7 @@ def test_file_truncated_while_running(streamed_folder, tmp_path):
 
 def test_ctrl_c_during_generation_returns_text_so_far(streamed_folder, monkeypatch):
     model = edgeinfer.load(streamed_folder)
-    full = model.generate(PROMPT, max_new_tokens=10)
+    full = model.generate(PROMPT, max_new_tokens=10).text
     real = model.forward
     calls = {"n": 0}
 
@@ -125,25 +125,25 @@ def test_ctrl_c_during_generation_returns_text_so_far(streamed_folder, monkeypat
         return real(ids, cache, **kw)
 
     monkeypatch.setattr(model, "forward", interrupting)
-    text = model.generate(PROMPT, max_new_tokens=10)
-    assert model.last_completion.finish_reason == "interrupted"
-    assert len(model.last_completion.token_ids) == 5 and full.startswith(text)
+    result = model.generate(PROMPT, max_new_tokens=10)
+    assert result.finish_reason == "interrupted"
+    assert len(result.token_ids) == 5 and full.startswith(result.text)
     monkeypatch.setattr(model, "forward", real)
-    assert model.generate(PROMPT, max_new_tokens=10) == full
+    assert model.generate(PROMPT, max_new_tokens=10).text == full
 
 
 def test_two_threads_generate_correctly_on_one_streaming_model(streamed_folder):
     """Each generate call owns its KV cache; streamed layers share the windows under a lock."""
     budget = ffn_budget(streamed_folder, 0.3)
     prompts = [PROMPT, "Once upon a time there was"]
-    want = {p: edgeinfer.load(streamed_folder, memory_budget=budget, window=0).generate(p, max_new_tokens=12)
+    want = {p: edgeinfer.load(streamed_folder, memory_budget=budget, window=0).generate(p, max_new_tokens=12).text
             for p in prompts}
     model = edgeinfer.load(streamed_folder, memory_budget=budget, window=0, threshold=0.0)
-    exact = {p: edgeinfer.load(streamed_folder).generate(p, max_new_tokens=12) for p in prompts}
+    exact = {p: edgeinfer.load(streamed_folder).generate(p, max_new_tokens=12).text for p in prompts}
     got = {}
 
     def work(p):
-        got[p] = model.generate(p, max_new_tokens=12)
+        got[p] = model.generate(p, max_new_tokens=12).text
 
     threads = [threading.Thread(target=work, args=(p,)) for p in prompts for _ in range(2)]
     for t in threads:
@@ -233,7 +233,7 @@ def test_fuzz_tokenizer_input(text):
     except EdgeInferError as exc:      # a prompt over the context window
         assert "context window" in str(exc)
         return
-    assert isinstance(out, str)
+    assert isinstance(out.text, str)
 
 
 @settings(max_examples=60, deadline=None)
@@ -249,7 +249,7 @@ def test_fuzz_generation_parameters(kw):
     except ValueError as exc:
         assert str(exc)
         return
-    assert isinstance(out, str) and len(model.last_completion.token_ids) <= max(kw.get("max_new_tokens", 64), 0)
+    assert isinstance(out.text, str) and len(out.token_ids) <= max(kw.get("max_new_tokens", 64), 0)
 
 
 _DEMO = []

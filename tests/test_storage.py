@@ -15,10 +15,9 @@ from edgeinfer.native import loader
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeinfer.errors import StorageError
+from edgeinfer.errors import BufferedFallbackWarning, StorageError
 from edgeinfer.io import (
     ALIGN,
-    BufferedFallbackWarning,
     FaultInjector,
     IOStats,
     WeightFile,

@@ -59,7 +59,7 @@ class BenchConfig:
 
     def validate(self) -> None:
         if self.prompt_tokens < 1 or self.new_tokens < 2:
-            raise EdgeInferError("--prompt-tokens must be >= 1 and --new-tokens >= 2 "
+            raise EdgeInferError("--prompt-tokens must be >= 1 and --max-new-tokens >= 2 "
                                  "(the first new token comes from the prefill)")
         if self.runs < 1 or self.warmup_tokens < 0:
             raise EdgeInferError("--runs must be >= 1 and --warmup-tokens >= 0")
@@ -179,7 +179,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     total = cfg.prompt_tokens + cfg.new_tokens
     max_ctx = int(manifest.generation.get("max_context", manifest.config.max_position_embeddings))
     if total > max_ctx:
-        raise ContextLengthError(f"--prompt-tokens {cfg.prompt_tokens} + --new-tokens {cfg.new_tokens} = {total} "
+        raise ContextLengthError(f"--prompt-tokens {cfg.prompt_tokens} + --max-new-tokens {cfg.new_tokens} = {total} "
                                  f"exceeds the model's context window of {max_ctx} tokens")
     tokenizer = Tokenizer(manifest.path(manifest.tokenizer))
     ids = prompt_ids(tokenizer, cfg.prompt_tokens, manifest.config.vocab_size)

@@ -1,7 +1,9 @@
 """`edgeinfer` command line: a thin layer over the Python API.
 
-Each subcommand lives in edgeinfer/commands/<name>.py and exposes
-`register(subparsers)`; the handler it sets returns an exit code.
+Each subcommand lives in edgeinfer/cli/<name>.py and exposes `register(subparsers)`;
+the handler it sets returns an exit code. Flags shared by several subcommands are
+defined once, in edgeinfer/cli/args.py. A failure the user causes (an EdgeInferError)
+is printed as one line and exits 1.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(f".{name}", __package__)
         except ModuleNotFoundError as exc:
-            if exc.name and exc.name.endswith(f"commands.{name}"):
+            if exc.name and exc.name.endswith(f"cli.{name}"):
                 continue  # command not built yet
             raise
         module.register(sub)

@@ -1,4 +1,4 @@
-"""edgeinfer bench MODEL_DIR [--compare MODES] [--json FILE] [--plot FILE]
+"""edgeinfer bench [-m MODEL_DIR] [--compare MODES] [--json | --json-file FILE] [--plot FILE]
 edgeinfer bench synthetic -o DIR --shape 7b-like --layers 2"""
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ import argparse
 import json
 import sys
 
+from edgeinfer.bench.runner import BenchConfig
+from edgeinfer.cli.args import LEGACY_MODEL, add_json, add_max_new_tokens, add_model, add_threads, model_of
+from edgeinfer.runtime.options import EXPORT_QUANTS, MATMUL_ACTIVATIONS
+
 EPILOG = """\
 examples:
   edgeinfer bench                                   the built-in demo model
-  edgeinfer bench MODEL_DIR --memory-budget 50% --prompt-tokens 128 --new-tokens 128 --runs 5
-  edgeinfer bench MODEL_DIR --compare naive,resident,streaming --json results.json --plot latency.png
-  edgeinfer bench MODEL_DIR --device jetson-orin-nano-8gb     floor and prediction for that profile
+  edgeinfer bench -m MODEL_DIR --memory-budget 50% -p 128 -n 128 -r 5
+  edgeinfer bench -m MODEL_DIR --compare naive,resident,streaming --json-file results.json --plot latency.png
+  edgeinfer bench -m MODEL_DIR --json > results.json        the numbers on stdout, the table on stderr
+  edgeinfer bench -m MODEL_DIR --device jetson-orin-nano-8gb     floor and prediction for that profile
 
   edgeinfer bench synthetic -o /tmp/syn7b --shape 7b-like --layers 2
       writes a SYNTHETIC Hugging Face checkpoint at real shapes (see --shape) and
@@ -30,11 +35,10 @@ def register(sub) -> None:
                        description="Measure time to first token, decode ms/token (p50/p90), tokens/s, bytes read "
                                    "from flash and DRAM per token, I/O vs compute time, cache hit rates and peak "
                                    "memory, beside the cost model's prediction and the physical floor "
-                                   "(bytes / bandwidth). Argument: MODEL_DIR (default: the built-in demo), or the word "
-                                   "`synthetic` with -o DIR to make a large synthetic model (options at the end; a "
-                                   "model folder named synthetic: ./synthetic).",
+                                   "(bytes / bandwidth). The model: -m MODEL_DIR (default: the built-in demo); the "
+                                   "word `synthetic` with -o DIR makes a large synthetic model (options at the end).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: the built-in demo)")
+    add_model(p)
     p.add_argument("--compare", default=None, metavar="MODES",
                    help="comma-separated modes: resident, naive, streaming, oracle "
                         "(default: resident,naive,streaming, those the model supports)")
@@ -44,17 +48,25 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, metavar="NAME|FILE",
                    help="device profile (name from `edgeinfer devices`, or a .toml) for the floor and the cost "
                         "model; default: a quick probe of this machine")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default 32)")
-    p.add_argument("--runs", type=int, default=3, help="measured runs per mode (default 3)")
-    p.add_argument("--warmup-tokens", type=int, default=4, help="tokens of warm-up per mode (default 4)")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("-p", "--prompt-tokens", type=int, default=BenchConfig.prompt_tokens, metavar="N",
+                   help=f"prompt length in tokens (default {BenchConfig.prompt_tokens})")
+    add_max_new_tokens(p, BenchConfig.new_tokens, "tokens generated per run")
+    p.add_argument("-r", "--runs", type=int, default=BenchConfig.runs,
+                   help=f"measured runs per mode (default {BenchConfig.runs})")
+    p.add_argument("--warmup-tokens", type=int, default=BenchConfig.warmup_tokens,
+                   help=f"tokens of warm-up per mode (default {BenchConfig.warmup_tokens})")
+    add_threads(p)
     p.add_argument("--window", type=int, default=None, help="neuron window in tokens (default: the runtime's)")
-    p.add_argument("--activations", default=None, choices=["float32", "int8"],
+    p.add_argument("--activations", default=None, choices=MATMUL_ACTIVATIONS,
                    help="activations of the int4/int8 matmuls (default: the runtime's, float32); see generate")
     p.add_argument("--in-process", action="store_true",
                    help="run every mode in this process (peak RSS then covers all modes loaded)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write every number as JSON ('-': stdout)")
+    # A bare --json means JSON on stdout, as in every subcommand; the optional FILE keeps
+    # `bench MODEL --json results.json` working (the same as --json-file results.json).
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="print every number as JSON on stdout (the table then goes to stderr); "
+                        "--json FILE is --json-file FILE")
+    p.add_argument("--json-file", default=None, metavar="FILE", help="also write every number as JSON to FILE")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="write a latency breakdown plot (needs matplotlib: pip install 'edgeinfer[bench]')")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -70,7 +82,7 @@ def register(sub) -> None:
     g.add_argument("--shape", default="7b-like", choices=sorted(SHAPES), help="preset shape (default 7b-like)")
     g.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     g.add_argument("--ffn", type=int, default=None, help="override the preset's FFN width")
-    g.add_argument("--quant", default="int4", choices=["f16", "int8", "int4"], help="export precision (default int4)")
+    g.add_argument("--quant", default="int4", choices=EXPORT_QUANTS, help="export precision (default int4)")
     g.add_argument("--calibration-tokens", type=int, default=4096,
                    help="tokens the exporter trains the predictors on (default 4096)")
     g.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
@@ -79,15 +91,31 @@ def register(sub) -> None:
     p.set_defaults(handler=run)
 
 
+def json_targets(args) -> tuple[bool, str | None]:
+    """(JSON on stdout?, JSON file or None) from --json, --json-file and the file form --json FILE."""
+    from edgeinfer.errors import InvalidArgumentError
+    to_stdout = args.json == "-"
+    path = args.json_file
+    if args.json not in (None, "-"):
+        if path is not None and path != args.json:
+            raise InvalidArgumentError(f"two JSON files given (--json {args.json}, --json-file {path}): "
+                                       "give one, with --json-file")
+        path = args.json
+    return to_stdout, path
+
+
 def run(args) -> int:
     from edgeinfer.errors import EdgeInferError
-    if args.model == "synthetic":
+    if getattr(args, LEGACY_MODEL) == "synthetic" and args.model is None:
         if not args.output:
             raise EdgeInferError("edgeinfer bench synthetic needs -o DIR (the model folder to write)")
         return run_synthetic(args)
     if args.output:
-        raise EdgeInferError("-o/--output is for `edgeinfer bench synthetic`; a benchmark writes --json / --plot")
-    from edgeinfer.bench import BenchConfig, run_bench
+        raise EdgeInferError("-o/--output is for `edgeinfer bench synthetic`; a benchmark writes --json-file / "
+                             "--plot")
+    model = model_of(args)
+    to_stdout, json_file = json_targets(args)
+    from edgeinfer.bench import run_bench
     from edgeinfer.bench.report import format_table
     modes = None
     if args.compare:
@@ -99,26 +127,24 @@ def run(args) -> int:
     if args.plot:
         from edgeinfer.bench.plot import require_matplotlib
         require_matplotlib()          # fail before measuring, not after
-    cfg = BenchConfig(model=args.model, modes=modes, memory_budget=budget, device=args.device,
-                      prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
+    cfg = BenchConfig(model=model, modes=modes, memory_budget=budget, device=args.device,
+                      prompt_tokens=args.prompt_tokens, new_tokens=args.max_new_tokens, runs=args.runs,
                       warmup_tokens=args.warmup_tokens, threads=args.threads, window=args.window,
                       activations=args.activations,
                       isolate=not args.in_process, progress=not args.quiet)
     res = run_bench(cfg)
     text = format_table(res)
-    if args.json == "-":
+    if to_stdout:
         print(json.dumps(res, indent=1, default=str))
-        print(text, file=sys.stderr)
-    else:
-        print(text)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1, default=str)
-            print(f"wrote {args.json}")
+    print(text, file=sys.stderr if to_stdout else sys.stdout)
+    if json_file:
+        with open(json_file, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        print(f"wrote {json_file}", file=sys.stderr if to_stdout else sys.stdout)
     if args.plot:
         from edgeinfer.bench.plot import plot_latency
         plot_latency(res, args.plot)
-        print(f"wrote {args.plot}")
+        print(f"wrote {args.plot}", file=sys.stderr if to_stdout else sys.stdout)
     return 0
 
 

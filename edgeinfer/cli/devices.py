@@ -1,9 +1,12 @@
-"""`edgeinfer devices`: list device profiles; `edgeinfer devices probe`: measure this one."""
+"""`edgeinfer devices [list]`: list device profiles; `edgeinfer devices probe`: measure this one."""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+from edgeinfer.cli.args import add_json
 
 from edgeinfer.devices.profiles import (
     DeviceProfile,
@@ -14,6 +17,7 @@ from edgeinfer.devices.profiles import (
 )
 from edgeinfer.errors import DeviceProfileError
 from edgeinfer.io.measure import DEFAULT_CHUNKS
+from edgeinfer.runtime.options import RuntimeOptions
 
 QUICK = dict(chunk_sizes=DEFAULT_CHUNKS, file_size=32 << 20, seconds=0.1, dram_bytes=64 << 20)
 FULL = dict(chunk_sizes=DEFAULT_CHUNKS, file_size=256 << 20, seconds=0.5, dram_bytes=256 << 20)
@@ -23,10 +27,15 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "devices", help="list device profiles, or measure this machine",
         description="Device profiles (devices/*.toml): memory, DRAM and flash bandwidth, "
-                    "execution providers. `devices probe` measures this machine.")
-    parser.add_argument("--json", action="store_true", help="print the profiles as JSON")
+                    "execution providers. `devices` or `devices list` lists them; `devices probe` "
+                    "measures this machine.")
+    add_json(parser, "the profiles")
     parser.set_defaults(handler=list_command)
     sub = parser.add_subparsers(dest="devices_command", metavar="SUBCOMMAND")
+    ls = sub.add_parser("list", help="list the device profiles (the same as `edgeinfer devices`)",
+                        description="List the device profiles shipped in devices/*.toml.")
+    add_json(ls, "the profiles")
+    ls.set_defaults(handler=list_command)
     p = sub.add_parser(
         "probe", help="measure flash and DRAM bandwidth of this machine",
         description="Measure flash read bandwidth by chunk size (O_DIRECT random reads of a "
@@ -38,10 +47,14 @@ def register(subparsers) -> None:
                    help="folder on the storage that will hold models (default: .)")
     p.add_argument("--quick", action="store_true",
                    help="small test file and short timings (a few seconds, noisier)")
-    p.add_argument("--threads", type=int, default=16, help="pread threads where io_uring is unavailable (default: 16, as the runtime's io_threads)")
+    p.add_argument("--io-threads", type=int, default=RuntimeOptions.io_threads, metavar="N",
+                   help="read threads where io_uring is unavailable (default: "
+                        f"{RuntimeOptions.io_threads}, as the runtime's io_threads)")
+    # Read threads spelled --threads, which means compute threads in every other subcommand.
+    p.add_argument("--threads", dest="legacy_threads", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--name", help="profile name (default: the output file's stem, or "
                                   "this-machine)")
-    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    add_json(p, "the profile")
     p.set_defaults(handler=probe_command)
 
 
@@ -55,10 +68,14 @@ def list_command(args: argparse.Namespace) -> int:
 
 
 def probe_command(args: argparse.Namespace) -> int:
-    if args.threads < 1:
-        raise DeviceProfileError(f"--threads must be at least 1, got {args.threads}")
+    threads, flag = args.io_threads, "--io-threads"
+    if args.legacy_threads is not None:
+        print("edgeinfer: `devices probe --threads` sets read threads: spell it --io-threads", file=sys.stderr)
+        threads, flag = args.legacy_threads, "--threads"
+    if threads < 1:
+        raise DeviceProfileError(f"{flag} (read threads) must be at least 1, got {threads}")
     name = args.name or (args.output.stem if args.output else "this-machine")
-    profile = probe(args.dir, threads=args.threads, name=name, progress=not args.json,
+    profile = probe(args.dir, threads=threads, name=name, progress=not args.json,
                     **(QUICK if args.quick else FULL))
     if args.output:
         write_profile(profile, args.output)

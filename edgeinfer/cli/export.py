@@ -1,6 +1,8 @@
 """edgeinfer export CHECKPOINT -o MODEL_DIR --quant int4"""
 from __future__ import annotations
 
+from edgeinfer.runtime.options import EXPERT_LOW_QUANTS, EXPORT_QUANTS
+
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="turn a Hugging Face checkpoint into an edgeinfer model folder",
@@ -10,9 +12,9 @@ def register(sub) -> None:
                                    "pip install 'edgeinfer[export]'.")
     p.add_argument("checkpoint", help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
-    p.add_argument("--quant", default="int4", choices=["f16", "int8", "int4"],
+    p.add_argument("--quant", default="int4", choices=EXPORT_QUANTS,
                    help="weight precision of the linear layers (default int4; embeddings/lm_head stay int8)")
-    p.add_argument("--expert-low", choices=["int4", "int2"], default=None,
+    p.add_argument("--expert-low", choices=EXPERT_LOW_QUANTS, default=None,
                    help="MoE models: also store each expert at this lower precision, nested in the high one, "
                         "for low-precision loading of less important experts (HOBBIT)")
     p.add_argument("--group-size", type=int, default=32, help="quantization group size along K (default 32)")

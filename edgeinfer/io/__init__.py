@@ -3,7 +3,6 @@ from edgeinfer.format.checksum import crc32_bytes, crc32_file
 from edgeinfer.io.direct import (
     ALIGN,
     Batch,
-    BufferedFallbackWarning,
     WeightFile,
     aligned_empty,
 )
@@ -16,7 +15,6 @@ __all__ = [
     "ALIGN",
     "DEFAULT_CHUNKS",
     "Batch",
-    "BufferedFallbackWarning",
     "FaultInjector",
     "IOStats",
     "ReadBandwidth",

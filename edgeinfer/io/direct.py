@@ -36,7 +36,7 @@ import weakref
 
 import numpy as np
 
-from edgeinfer.errors import StorageError
+from edgeinfer.errors import BufferedFallbackWarning, ModelClosedError, StorageError
 from edgeinfer.io.faults import FaultInjector
 from edgeinfer.io.read_plan import ReadPlan, as_requests, plan_reads
 from edgeinfer.io.stats import IOStats
@@ -46,12 +46,8 @@ RETRYABLE = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT}
 STAGING_KEEP = 16 << 20     # staging buffers up to this size are kept for the next batch
 NATIVE_THREADS_MIN_BYTES = 256 << 10   # below this a batch runs on the calling thread
 
-log = logging.getLogger("edgeinfer.io")
+log = logging.getLogger(__name__)
 _warned: set = set()        # (st_dev, reason): warn once per filesystem and reason
-
-
-class BufferedFallbackWarning(RuntimeWarning):
-    """Reads go through the page cache because page-cache bypass is unavailable."""
 
 
 def aligned_empty(nbytes: int, align: int = ALIGN) -> np.ndarray:
@@ -284,7 +280,8 @@ class WeightFile:
                  out: np.ndarray, *, max_gap: int | None, native: bool | None,
                  requested: int) -> None:
         if self.closed:
-            raise ValueError(f"I/O on closed weight file {self.path}")
+            raise ModelClosedError(f"I/O on closed weight file {self.path}: the model was closed (Model.close()); "
+                                   "load it again to generate")
         t0 = time.perf_counter()
         plan = plan_reads(
             offsets, lengths, starts, file_size=self.size, align=self.align,

@@ -6,7 +6,7 @@ import zlib
 
 import numpy as np
 
-from edgeinfer.errors import ChecksumError, ModelFormatError
+from edgeinfer.errors import ChecksumError, InvalidArgumentError, ModelFormatError
 from edgeinfer.format.manifest import Manifest, verify_tensor
 from edgeinfer.runtime.options import VERIFY_MODES
 
@@ -14,7 +14,7 @@ from edgeinfer.runtime.options import VERIFY_MODES
 class ResidentWeights:
     def __init__(self, manifest: Manifest, files: list[str], *, verify: str = "full"):
         if verify not in VERIFY_MODES:
-            raise ValueError(f"verify must be one of {VERIFY_MODES}")
+            raise InvalidArgumentError(f"unknown verify mode {verify!r}; choose one of {', '.join(VERIFY_MODES)}")
         self.manifest = manifest
         self.buffers: dict[str, np.ndarray] = {}
         for rel in files:

@@ -1,41 +1,107 @@
-"""Generation as a generator of steps (prefill, then one token per decode step),
-with text streaming and stop strings built on top of it."""
+"""Generation as a generator of steps (prefill, then one token per decode step), with
+text streaming and stop strings built on top of it.
+
+Results are values, as mlx-lm's stream_generate yields GenerationResponse: each call
+builds its own GenerationStep objects and one GenerationResult, so calls running at
+once on one Model never share or overwrite each other's results.
+"""
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass, replace
+from typing import Iterable, Iterator
 
-from edgeinfer.errors import ContextLengthError
+from edgeinfer.errors import ContextLengthError, InvalidArgumentError
 from edgeinfer.runtime.sampling import Sampler, SamplingConfig
 from edgeinfer.runtime.tokenizer import StreamDecoder
 
+# Why a generation ended:
+#   eos          the model sampled an end-of-sequence token (not part of the output)
+#   length       max_new_tokens were generated
+#   stop         a stop string appeared (it and what follows are not part of the output)
+#   context      the context window is full
+#   interrupted  Ctrl-C (KeyboardInterrupt) during the call
+FINISH_REASONS = ("eos", "length", "stop", "context", "interrupted")
 
-@dataclass
-class Completion:
-    """What one generate call produced, and how long it took."""
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    prompt_tokens: int = 0
-    finish_reason: str = ""        # "eos" | "length" | "stop" | "context" | "interrupted"
-    prefill_s: float = 0.0         # time to first token (prefill + first sample)
-    decode_s: list[float] = field(default_factory=list)   # per decode step
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one generate call produced, and how long it took. str() is the new text."""
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    finish_reason: str             # one of FINISH_REASONS
+    ttft_s: float                  # time to first token: prefill + first sample (0 when nothing was sampled)
+    decode_s: tuple[float, ...]    # seconds of each decode step after the first token
+
+    def __str__(self) -> str:
+        return self.text
 
     @property
     def new_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def decode_ms_per_token(self) -> float:
+        """Mean decode time per token in ms; nan when no decode step ran."""
+        return sum(self.decode_s) / len(self.decode_s) * 1e3 if self.decode_s else math.nan
 
-def generate_step(model, prompt_ids: list[int], cfg: SamplingConfig, completion: Completion) -> Iterator[int]:
-    """Yield sampled token ids; fills completion.finish_reason and timings."""
-    max_ctx = model.max_context
-    if len(prompt_ids) > max_ctx:
-        raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; the model's context window is {max_ctx} "
-                                 "tokens: shorten the prompt")
-    completion.prompt_tokens = len(prompt_ids)
+    @classmethod
+    def from_steps(cls, steps: Iterable[GenerationStep], finish_reason: str) -> GenerationResult:
+        """The result of the steps seen so far: the whole call's when the last step is final,
+        or a partial one (e.g. finish_reason "interrupted" after Ctrl-C)."""
+        steps = list(steps)
+        return cls(text="".join(s.text for s in steps),
+                   token_ids=tuple(s.token for s in steps if s.token is not None),
+                   prompt_tokens=steps[0].prompt_tokens if steps else 0,
+                   finish_reason=finish_reason,
+                   ttft_s=steps[0].seconds if steps else 0.0,
+                   decode_s=tuple(s.seconds for s in steps[1:]))
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """One sample of a streamed generation. str() is the text it releases, so
+    `print(step, end="")` prints the stream."""
+    text: str                      # text released now: "" while it may begin a stop string or ends mid-character
+    token: int | None              # the token sampled; None when nothing joins the output (EOS, max_new_tokens=0)
+    prompt_tokens: int
+    seconds: float                 # prefill + first sample on the first step, one decode step after
+    finish_reason: str | None = None          # on the last step only: one of FINISH_REASONS
+    result: GenerationResult | None = None    # on the last step only: the whole call
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def stream_generate(model, prompt: str, cfg: SamplingConfig) -> Iterator[GenerationStep]:
+    """Steps completing `prompt`; the last one carries finish_reason and the GenerationResult.
+    The prompt is checked here, before the first step: a bad one raises at the call."""
+    ids = prompt_ids(model, prompt)
+    if len(ids) > model.max_context:
+        raise ContextLengthError(f"prompt has {len(ids)} tokens; the model's context window is "
+                                 f"{model.max_context} tokens: shorten the prompt")
+    return _text_steps(model, ids, cfg)
+
+
+def prompt_ids(model, prompt: str) -> list[int]:
+    ids = model.tokenizer.encode(prompt)
+    if not ids:
+        if model.bos_token_id is None:
+            raise InvalidArgumentError("prompt is empty and the model has no BOS token to start from: "
+                                       "give a non-empty prompt")
+        ids = [model.bos_token_id]
+    return ids
+
+
+def generate_step(model, prompt_ids: list[int], cfg: SamplingConfig) -> Iterator[tuple[int, float, str | None]]:
+    """Yield (token, seconds, finish_reason) per sample: the first from the prefill, then one
+    per decode step. finish_reason is None except on the last: "eos" (the token is EOS),
+    "length" or "context"."""
     if cfg.max_new_tokens == 0:
-        completion.finish_reason = "length"
         return
+    max_ctx = model.max_context
     sampler = Sampler(cfg)
     cache = model.new_cache()
     eos = set(model.eos_token_ids)
@@ -44,59 +110,52 @@ def generate_step(model, prompt_ids: list[int], cfg: SamplingConfig, completion:
     history = list(prompt_ids)
     for step in range(cfg.max_new_tokens):
         token = sampler(logits[-1], history)
-        now = time.perf_counter()
-        if step == 0:
-            completion.prefill_s = now - t0
-        else:
-            completion.decode_s.append(now - t0)
+        seconds = time.perf_counter() - t0
         if token in eos:
-            completion.finish_reason = "eos"
+            yield token, seconds, "eos"
             return
-        completion.token_ids.append(token)
         history.append(token)
-        yield token
-        if step + 1 == cfg.max_new_tokens:
-            completion.finish_reason = "length"
-            return
-        if cache.length >= max_ctx:
-            completion.finish_reason = "context"
+        reason = "length" if step + 1 == cfg.max_new_tokens else "context" if cache.length >= max_ctx else None
+        yield token, seconds, reason
+        if reason:
             return
         t0 = time.perf_counter()
         logits = model.forward([token], cache)
 
 
-def stream_text(model, prompt: str, cfg: SamplingConfig, completion: Completion) -> Iterator[str]:
-    """Yield text pieces; a stop string ends generation and is not emitted."""
-    ids = model.tokenizer.encode(prompt)
-    if not ids:
-        if model.bos_token_id is None:
-            raise ValueError("prompt is empty and the model has no BOS token to start from")
-        ids = [model.bos_token_id]
+def _text_steps(model, ids: list[int], cfg: SamplingConfig) -> Iterator[GenerationStep]:
+    """Token samples turned into text pieces; a stop string ends generation and is not emitted."""
     decoder = StreamDecoder(model.tokenizer)
     stops = cfg.stop
     pending = ""          # decoded text not yet released (may start a stop string)
-    for token in generate_step(model, ids, cfg, completion):
+    steps: list[GenerationStep] = []
+
+    def make(text: str, token: int | None, seconds: float, reason: str | None = None) -> GenerationStep:
+        s = GenerationStep(text, token, len(ids), seconds, reason)
+        if reason is not None:
+            s = replace(s, result=GenerationResult.from_steps([*steps, s], reason))
+        steps.append(s)
+        return s
+
+    for token, seconds, reason in generate_step(model, ids, cfg):
+        if reason == "eos":
+            yield make(pending + decoder.flush(), None, seconds, "eos")
+            return
         pending += decoder.push(token)
         if stops:
             hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
             if hit >= 0:
-                completion.finish_reason = "stop"
-                out = pending[:hit]
-                completion.text += out
-                if out:
-                    yield out
+                yield make(pending[:hit], token, seconds, "stop")
                 return
             keep = _held_back(pending, stops)
             out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
         else:
             out, pending = pending, ""
-        if out:
-            completion.text += out
-            yield out
-    pending += decoder.flush()
-    if pending:
-        completion.text += pending
-        yield pending
+        if reason is not None:          # the last step releases what was held back
+            yield make(out + pending + decoder.flush(), token, seconds, reason)
+            return
+        yield make(out, token, seconds)
+    yield make("", None, 0.0, "length")   # max_new_tokens=0: nothing sampled
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

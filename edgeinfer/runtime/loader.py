@@ -4,12 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgeinfer.errors import EdgeInferError
+from edgeinfer.errors import EdgeInferError, InvalidArgumentError
 from edgeinfer.format.manifest import read_manifest
 from edgeinfer.io.resident import ResidentWeights
 from edgeinfer.runtime.executor import Executor, load_graph
 from edgeinfer.runtime.model import Model
-from edgeinfer.runtime.options import BACKENDS, RuntimeOptions
+from edgeinfer.runtime.options import BACKENDS, DEFAULT_BACKEND, DEFAULT_VERIFY, VERIFY_MODES, RuntimeOptions
 from edgeinfer.runtime.stats import RuntimeStats
 from edgeinfer.runtime.tokenizer import Tokenizer
 from edgeinfer.streaming.plan import make_plan
@@ -17,8 +17,8 @@ from edgeinfer.streaming.plan import make_plan
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo"
 
 
-def load(path: str | os.PathLike | None = None, *, memory_budget=None, backend: str = "numba",
-         verify: str = "full", threads: int | None = None, providers=None, device: str | None = None,
+def load(path: str | os.PathLike | None = None, *, memory_budget=None, backend: str = DEFAULT_BACKEND,
+         verify: str = DEFAULT_VERIFY, threads: int | None = None, providers=None, device: str | None = None,
          **options) -> Model:
     """Load a model folder written by `edgeinfer export` (default: the built-in demo model).
 
@@ -27,9 +27,10 @@ def load(path: str | os.PathLike | None = None, *, memory_budget=None, backend: 
     verify: "full" checks every resident weight file's crc32, "sampled" a few tensors, "none".
     backend: "numba" (every node a Numba kernel), "ort" (every node in onnxruntime) or
         "hybrid" (the streamable FFN / MoE nodes in Numba, the rest in onnxruntime); see
-        edgeinfer/executor/partition.py.
+        edgeinfer/runtime/executor/partition.py.
     providers: onnxruntime execution providers for "ort" / "hybrid", preferred first
-        (default: the device profile's, else CPU); a missing one falls back with a warning.
+        (default: the device profile's, else CPU); full onnxruntime names or short ones
+        (cuda, tensorrt, cpu, ...); a missing one falls back with a ProviderWarning.
     device: a device profile name or .toml path (edgeinfer devices): its execution providers
         and default memory budget become the defaults; None or "cpu": no profile.
     options: RuntimeOptions fields (mode, window, threshold, direct_io, expert_policy,
@@ -39,16 +40,18 @@ def load(path: str | os.PathLike | None = None, *, memory_budget=None, backend: 
         ActivationsWarning.
     """
     if backend not in BACKENDS:
-        raise EdgeInferError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        raise InvalidArgumentError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if verify not in VERIFY_MODES:
+        raise InvalidArgumentError(f"unknown verify mode {verify!r}; choose one of {', '.join(VERIFY_MODES)}")
     if providers is not None and backend == "numba":
-        raise EdgeInferError("providers choose onnxruntime execution providers: use backend='ort' or 'hybrid'")
+        raise InvalidArgumentError("providers choose onnxruntime execution providers: use backend='ort' or 'hybrid'")
     profile = None
     if device not in (None, "cpu"):
         from edgeinfer.devices.profiles import load_profile
         profile = load_profile(device)
         if memory_budget is None:
             memory_budget = profile.default_memory_budget
-    opts = options.pop("runtime_options", None) or RuntimeOptions(**options)
+    opts = options.pop("runtime_options", None) or RuntimeOptions.from_kwargs(**options)
     if threads is not None:
         import numba
         numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))

@@ -5,19 +5,27 @@ from typing import Iterator
 
 import numpy as np
 
+from edgeinfer.errors import InvalidArgumentError
 from edgeinfer.format.config import ModelConfig
 from edgeinfer.format.manifest import Manifest
 from edgeinfer.runtime.executor import Executor, RunState
-from edgeinfer.runtime.generate import Completion, stream_text
+from edgeinfer.runtime.generate import GenerationResult, GenerationStep, stream_generate
 from edgeinfer.runtime.kv_cache import KVCache
-from edgeinfer.runtime.sampling import SamplingConfig
+from edgeinfer.runtime.sampling import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    SamplingConfig,
+)
 from edgeinfer.runtime.tokenizer import Tokenizer
 
 
 class Model:
     """Returned by `edgeinfer.load`. Thread safety: each generate call owns its KV
-    cache, so several threads may generate on one Model at once; weights are shared
-    read-only."""
+    cache and returns its own result objects, so several threads may generate on one
+    Model at once; weights are shared read-only."""
 
     def __init__(self, manifest: Manifest, executor: Executor, tokenizer: Tokenizer, *, resident_bytes: int,
                  plan=None, stats=None):
@@ -32,7 +40,6 @@ class Model:
         self.max_context = int(gen.get("max_context", self.config.max_position_embeddings))
         self.eos_token_ids = tuple(gen.get("eos_token_ids", self.config.eos_token_ids))
         self.bos_token_id = gen.get("bos_token_id", self.config.bos_token_id)
-        self.last_completion: Completion | None = None
 
     def close(self) -> None:
         """Close the weight files streaming reads from (resident weights stay usable)."""
@@ -55,9 +62,9 @@ class Model:
         """Run len(ids) new tokens after the cache's; returns logits [1 or S, vocab]."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
-            raise ValueError("forward needs at least one token")
+            raise InvalidArgumentError("forward needs at least one token id")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+            raise InvalidArgumentError(f"token ids must be in 0..{self.config.vocab_size - 1} (the model's vocabulary)")
         cache.reserve(ids.size)
         pos = np.arange(cache.length, cache.length + ids.size, dtype=np.int64)
         logits = self.executor.run(ids, pos, RunState(kv=cache, last_only=not all_logits))
@@ -68,24 +75,30 @@ class Model:
         """Logits for every position of a sequence, from an empty cache (perplexity, parity)."""
         return self.forward(ids, self.new_cache(), all_logits=True)
 
-    def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop=(), repetition_penalty: float = 1.0,
-                 stream: bool = False) -> str | Iterator[str]:
-        """Complete `prompt`. Returns the new text, or with stream=True an iterator of pieces.
+    def generate(self, prompt: str, *, max_new_tokens: int = DEFAULT_MAX_TOKENS,
+                 temperature: float = DEFAULT_TEMPERATURE, top_k: int = DEFAULT_TOP_K, top_p: float = DEFAULT_TOP_P,
+                 seed: int | None = None, stop=(), repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+                 stream: bool = False) -> GenerationResult | Iterator[GenerationStep]:
+        """Complete `prompt`.
 
-        Ctrl-C during a non-streaming call returns the text so far (finish_reason
-        "interrupted" in model.last_completion); the model stays usable.
+        Returns a GenerationResult (str() is the new text; token_ids, finish_reason,
+        prompt_tokens, ttft_s, decode_ms_per_token), or with stream=True an iterator of
+        GenerationStep (str() is each text piece; the last step carries finish_reason and
+        the GenerationResult as .result). Bad arguments and a prompt over the context
+        window raise at the call, before any step.
+
+        Ctrl-C during a non-streaming call returns the result so far with finish_reason
+        "interrupted"; the model stays usable.
         """
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              seed=seed, stop=stop, repetition_penalty=repetition_penalty)
-        completion = Completion()
-        self.last_completion = completion
-        pieces = stream_text(self, prompt, cfg, completion)
+        steps = stream_generate(self, prompt, cfg)
         if stream:
-            return pieces
+            return steps
+        seen: list[GenerationStep] = []
         try:
-            for _ in pieces:
-                pass
+            for step in steps:
+                seen.append(step)
         except KeyboardInterrupt:
-            completion.finish_reason = "interrupted"
-        return completion.text
+            return GenerationResult.from_steps(seen, "interrupted")
+        return seen[-1].result

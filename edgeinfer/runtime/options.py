@@ -1,10 +1,12 @@
 """Every choice a user makes at load time, in one place: the enums the CLI offers and
-the API accepts, and RuntimeOptions, validated once when it is built."""
+the API accepts, their defaults, and RuntimeOptions, validated once when it is built.
+(Sampling defaults live beside SamplingConfig in edgeinfer/runtime/sampling.py.)"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
-from edgeinfer.errors import EdgeInferError
+from edgeinfer.errors import InvalidArgumentError
 
 # How a model runs (RuntimeOptions.mode):
 #   auto       resident if the model fits the budget, else streaming
@@ -15,8 +17,10 @@ from edgeinfer.errors import EdgeInferError
 MODES = ("auto", "resident", "streaming", "naive", "oracle")
 # Who runs the graph's nodes (load(backend=)); see runtime/executor/partition.py.
 BACKENDS = ("numba", "ort", "hybrid")
+DEFAULT_BACKEND = "numba"
 # Checksums of resident weight files at load (load(verify=)).
 VERIFY_MODES = ("full", "sampled", "none")
+DEFAULT_VERIFY = "full"
 # MoE expert cache eviction (RuntimeOptions.expert_policy).
 EXPERT_POLICIES = ("lru", "hobbit")
 # Activations of the quantized matmuls (MatMulNBits), at every number of rows:
@@ -25,8 +29,12 @@ EXPERT_POLICIES = ("lru", "hobbit")
 #            multiplied in int32 by AVX512-VNNI, as llama.cpp's Q8_0 activations and
 #            onnxruntime's MatMulNBits accuracy_level=4 (which the ort / hybrid backends
 #            then use). Where the host or a node's layout has no int8 path, those nodes
-#            keep float32 with a warning (errors.ActivationsWarning).
+#            keep float32 with a warning (edgeinfer.errors.ActivationsWarning).
 MATMUL_ACTIVATIONS = ("float32", "int8")
+# Weight precision of an export (edgeinfer export --quant), and of the low-precision
+# expert copies (--expert-low, HOBBIT).
+EXPORT_QUANTS = ("f16", "int8", "int4")
+EXPERT_LOW_QUANTS = ("int4", "int2")
 
 
 @dataclass(frozen=True)
@@ -48,18 +56,36 @@ class RuntimeOptions:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise EdgeInferError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+            raise InvalidArgumentError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if not (isinstance(self.window, int) and 0 <= self.window <= 1 << 16):
-            raise EdgeInferError("window must be an integer >= 0")
-        if self.threshold is not None and not (0.0 <= float(self.threshold) <= 1.0):
-            raise EdgeInferError("threshold must be a probability in [0, 1]")
+            raise InvalidArgumentError("window must be an integer >= 0")
+        if self.threshold is not None and not (_number(self.threshold) and 0.0 <= self.threshold <= 1.0):
+            raise InvalidArgumentError("threshold must be a probability in [0, 1]")
         if self.expert_policy not in EXPERT_POLICIES:
-            raise EdgeInferError(f"unknown expert policy {self.expert_policy!r}; choose one of "
-                                 f"{', '.join(EXPERT_POLICIES)}")
-        if not 0.0 <= float(self.expert_low_threshold) <= 1.0:
-            raise EdgeInferError("expert_low_threshold must be in [0, 1]")
-        if not (self.io_threads >= 1 and self.io_depth >= 0):
-            raise EdgeInferError("io_threads must be >= 1 and io_depth >= 0")
+            raise InvalidArgumentError(f"unknown expert policy {self.expert_policy!r}; choose one of "
+                                       f"{', '.join(EXPERT_POLICIES)}")
+        if not (_number(self.expert_low_threshold) and 0.0 <= self.expert_low_threshold <= 1.0):
+            raise InvalidArgumentError("expert_low_threshold must be in [0, 1]")
+        if not (_integer(self.io_threads) and _integer(self.io_depth) and self.io_threads >= 1
+                and self.io_depth >= 0):
+            raise InvalidArgumentError("io_threads must be >= 1 and io_depth >= 0")
         if self.activations not in MATMUL_ACTIVATIONS:
-            raise EdgeInferError(f"unknown activations {self.activations!r}; choose one of "
-                                 f"{', '.join(MATMUL_ACTIVATIONS)}")
+            raise InvalidArgumentError(f"unknown activations {self.activations!r}; choose one of "
+                                       f"{', '.join(MATMUL_ACTIVATIONS)}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> RuntimeOptions:
+        """RuntimeOptions from load()'s keyword arguments; an unknown name is an InvalidArgumentError."""
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise InvalidArgumentError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                                       f"load() takes {', '.join(f.name for f in fields(cls))}")
+        return cls(**kwargs)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

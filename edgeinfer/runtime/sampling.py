@@ -6,22 +6,31 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeinfer.errors import InvalidArgumentError
+
+# The defaults of Model.generate and `edgeinfer generate`, defined here only.
+DEFAULT_MAX_TOKENS = 64
+DEFAULT_TEMPERATURE = 0.0         # greedy
+DEFAULT_TOP_K = 0                 # off
+DEFAULT_TOP_P = 1.0               # off
+DEFAULT_REPETITION_PENALTY = 1.0  # off
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Validated once; a bad value raises ValueError naming the parameter."""
-    max_new_tokens: int = 64
-    temperature: float = 0.0      # 0 = greedy
-    top_k: int = 0                # 0 = off
-    top_p: float = 1.0            # 1 = off
+    """Validated once; a bad value raises InvalidArgumentError (a ValueError) naming the parameter."""
+    max_new_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE   # 0 = greedy
+    top_k: int = DEFAULT_TOP_K                 # 0 = off
+    top_p: float = DEFAULT_TOP_P               # 1 = off
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
 
     def __post_init__(self):
         def check(ok, msg):
             if not ok:
-                raise ValueError(msg)
+                raise InvalidArgumentError(msg)
 
         check(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
               and 0 <= self.max_new_tokens <= 1 << 20, f"max_new_tokens must be an integer in 0..{1 << 20}")

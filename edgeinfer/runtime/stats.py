@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+from edgeinfer.errors import InternalError
 from edgeinfer.io import IOStats
 
 COUNTERS = (
@@ -35,7 +36,7 @@ class RuntimeStats:
         with self._lock:
             for k, v in kw.items():
                 if k not in COUNTERS:
-                    raise KeyError(f"unknown runtime counter {k}")
+                    raise InternalError(f"unknown runtime counter {k}: a bug in edgeinfer; please report it")
                 self._c[k] += v
 
     def snapshot(self) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeinfer.errors import ModelFormatError
+from edgeinfer.errors import InvalidArgumentError, ModelFormatError
 
 MAX_PROMPT_CHARS = 1 << 24  # refuse absurd inputs before tokenising them
 
@@ -24,9 +24,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
-            raise TypeError(f"prompt must be a str, not {type(text).__name__}")
+            raise InvalidArgumentError(f"prompt must be a str, not {type(text).__name__}")
         if len(text) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+            raise InvalidArgumentError(f"prompt has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}: shorten it")
         # Lone surrogates cannot be encoded as UTF-8; replace them instead of crashing.
         text = text.encode("utf-8", "replace").decode("utf-8")
         return self._tok.encode(text, add_special_tokens=True).ids

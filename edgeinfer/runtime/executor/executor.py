@@ -2,21 +2,14 @@
 then runs the bound plan for each forward pass (prefill or one decode step)."""
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from edgeinfer.errors import ModelFormatError
+from edgeinfer.errors import ActivationsWarning, ModelFormatError
 from edgeinfer.runtime.executor.graph import Graph
 from edgeinfer.runtime.executor.ops import OPS, int8_unsupported
-
-log = logging.getLogger("edgeinfer.runtime.executor")
-
-
-class ActivationsWarning(UserWarning):
-    """activations="int8" was asked for, and some MatMulNBits nodes keep float32 activations."""
 
 
 @dataclass
@@ -73,7 +66,6 @@ class Executor:
             total = sum(1 for fn, _, _ in self.plan if hasattr(fn, "int8_activations"))
             msg = (f"activations='int8': {len(self.int8_fallback)} of {total} MatMulNBits nodes keep float32 "
                    f"activations ({next(iter(self.int8_fallback))}, ...): " + "; ".join(reasons))
-            log.warning(msg)
             warnings.warn(msg, ActivationsWarning, stacklevel=3)
         self.head = self._find_head()
 

@@ -25,7 +25,6 @@ way, the past is rebuilt from the KVCache).
 """
 from __future__ import annotations
 
-import logging
 import re
 import threading
 import warnings
@@ -36,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edgeinfer.errors import EdgeInferError
+from edgeinfer.errors import ConstantFoldingWarning, EdgeInferError
 from edgeinfer.runtime.executor.graph import Graph
 from edgeinfer.runtime.executor.partition import (
     ORT,
@@ -52,7 +51,6 @@ from edgeinfer.runtime.executor.providers import (
     provider_name,
 )
 
-log = logging.getLogger("edgeinfer.runtime.executor")
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.key$")
 _ROWS_START = "edgeinfer.rows_start"      # 0: logits for every position; -1: the last only
@@ -179,8 +177,7 @@ class OrtRunner:
                    f"into {fold / 2**30:.1f} GiB of float32 weights (plus the fold's intermediates): folding is off "
                    "for this session, so the bundles are dequantized on every call (slow). Use backend='hybrid' "
                    "(the bundled FFN in Numba) or export with bundle=False to run this model in onnxruntime")
-            log.warning(msg)
-            warnings.warn(msg, ResourceWarning, stacklevel=5)
+            warnings.warn(msg, ConstantFoldingWarning, stacklevel=5)
         session = self._session(sub_model, [t.name for t in inits if t.data_location == TensorProto.EXTERNAL],
                                 fold=fold <= FOLD_LIMIT)
         host = {o for o in outputs if o in seg.host_outputs or self.device == "cpu"}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import TensorProto, helper
 
-from edgeinfer.errors import EdgeInferError
+from edgeinfer.errors import EdgeInferError, InternalError
 from edgeinfer.runtime.executor.graph import Graph, Node
 from edgeinfer.runtime.options import BACKENDS
 
@@ -64,7 +64,7 @@ def assign(graph: Graph, backend: str, *, numba_ops=(), numba_nodes=(), ort_ops=
 def partition(graph: Graph, assignment: list[str]) -> list[Segment]:
     """Cut the node list where the backend changes; fill in each segment's boundary tensors."""
     if len(assignment) != len(graph.nodes):
-        raise ValueError("one backend per node")
+        raise InternalError(f"{len(assignment)} backends for {len(graph.nodes)} nodes: a bug in edgeinfer; please report it")
     segments: list[Segment] = []
     for i, b in enumerate(assignment):
         if segments and segments[-1].backend == b:

@@ -3,25 +3,30 @@
 The list comes from the caller (`providers=`, `--providers`), else the device
 profile (devices/*.toml `execution_providers`, preferred first), else CPU. A
 provider this onnxruntime build lacks, or one that is installed but does not
-come up for a session, is dropped with a warning (warnings.warn, category
-ProviderWarning) and a log line on the "edgeinfer.runtime.executor" logger, both naming it.
+come up for a session, is dropped with a ProviderWarning naming it.
+Short aliases (`cuda`, `tensorrt`, `cpu`, ...: PROVIDER_ALIASES) stand for the full
+onnxruntime names, as onnxruntime-genai's `-e cuda|cpu` does.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 
-from edgeinfer.errors import EdgeInferError
-
-log = logging.getLogger("edgeinfer.runtime.executor")
+from edgeinfer.errors import InvalidArgumentError, ProviderWarning
 
 CPU = "CPUExecutionProvider"
+# Short names users type (CLI --providers, load(providers=)) -> onnxruntime's names.
+PROVIDER_ALIASES = {
+    "cpu": CPU,
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+}
 # Where a provider keeps tensors, as I/O binding names the device (the rest work on host memory).
 _DEVICE = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
-
-
-class ProviderWarning(UserWarning):
-    """A requested onnxruntime execution provider is not available; a fallback is used."""
 
 
 def ort_module():
@@ -31,6 +36,13 @@ def ort_module():
 
 def provider_name(p) -> str:
     return p[0] if isinstance(p, (tuple, list)) else p
+
+
+def expand_alias(p):
+    """A provider with its short alias (`cuda`) replaced by onnxruntime's name; options kept."""
+    if isinstance(p, (tuple, list)) and p and isinstance(p[0], str):
+        return (PROVIDER_ALIASES.get(p[0], p[0]), *p[1:])
+    return PROVIDER_ALIASES.get(p, p) if isinstance(p, str) else p
 
 
 def resolve_providers(requested=None, profile=None) -> list:
@@ -44,16 +56,17 @@ def resolve_providers(requested=None, profile=None) -> list:
         source = f"device profile {profile.name}" if profile is not None else "default"
     elif isinstance(requested, str):
         requested = [p.strip() for p in requested.split(",") if p.strip()]
-    requested = list(requested)
+    requested = [expand_alias(p) for p in requested]
     if not requested:
-        raise EdgeInferError("providers is empty; give at least one, e.g. CPUExecutionProvider")
+        raise InvalidArgumentError("providers is empty; give at least one, e.g. cpu or CPUExecutionProvider")
     available = [p for p in ort_module().get_available_providers() if p != "AzureExecutionProvider"]
     chosen, missing = [], []
     for p in requested:
         name = provider_name(p)
         if not (isinstance(name, str) and name.endswith("ExecutionProvider")):
-            raise EdgeInferError(f"{name!r} is not an onnxruntime execution provider name "
-                                 "(e.g. CUDAExecutionProvider, CPUExecutionProvider)")
+            raise InvalidArgumentError(f"{name!r} is not an onnxruntime execution provider name: use a full name "
+                                       "(e.g. CUDAExecutionProvider) or a short one: "
+                                       + ", ".join(PROVIDER_ALIASES))
         if name not in available:
             missing.append(name)
         elif name not in map(provider_name, chosen):
@@ -66,13 +79,12 @@ def resolve_providers(requested=None, profile=None) -> list:
 
 
 def fallback_warning(missing, source, available, chosen) -> None:
-    """Never fall back silently: a warning (warnings.warn) and a log line naming what is missing."""
+    """Never fall back silently: a ProviderWarning naming what is missing."""
     what = ", ".join(missing)
     msg = (f"onnxruntime execution provider{'s' if len(missing) > 1 else ''} {what} ({source}) "
            f"{'are' if len(missing) > 1 else 'is'} not available: this onnxruntime offers "
            f"{', '.join(available) or 'none'}; using {', '.join(map(provider_name, chosen))} "
            f"(install an onnxruntime build with {what} to use it)")
-    log.warning(msg)
     warnings.warn(msg, ProviderWarning, stacklevel=4)
 
 

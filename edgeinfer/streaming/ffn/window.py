@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeinfer.errors import InternalError
 from edgeinfer.io import aligned_empty
 
 
@@ -78,7 +79,7 @@ class NeuronWindow:
         adjacent slots when free slots are); the caller reads their records there."""
         n = neurons.size
         if n > self.nfree:
-            raise RuntimeError("neuron window overflow")   # callers make room first
+            raise InternalError("neuron window overflow: callers make room first (a bug in edgeinfer; please report it)")
         slots = np.sort(self.free[self.nfree - n:self.nfree])
         self.nfree -= n
         self.slot_of[neurons] = slots
