@@ -37,11 +37,11 @@ import weakref
 import numpy as np
 
 from edgeinfer.errors import StorageError
+from edgeinfer.format.constants import ALIGN, find_multiple
 from edgeinfer.io.faults import FaultInjector
 from edgeinfer.io.read_plan import ReadPlan, as_requests, plan_reads
 from edgeinfer.io.stats import IOStats
 
-ALIGN = 4096
 RETRYABLE = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT}
 STAGING_KEEP = 16 << 20     # staging buffers up to this size are kept for the next batch
 NATIVE_THREADS_MIN_BYTES = 256 << 10   # below this a batch runs on the calling thread
@@ -223,7 +223,7 @@ class WeightFile:
             out = np.empty(length, dtype=np.uint8)
             return self.read_batch([(offset, length)], out=out).data
         start = offset - offset % self.align
-        span = -(-(offset + length) // self.align) * self.align - start
+        span = find_multiple(offset + length, self.align) - start
         buf = aligned_empty(span)
         readable = min(start + span, self.size) - start
         # The whole aligned span is read straight into buf; only an EOF tail is staged.
