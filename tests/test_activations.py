@@ -34,7 +34,7 @@ def _load(folder, **kw):
 
 
 def _nbits_fns(model):
-    return [fn for fn, _, _ in model.executor.plan if hasattr(fn, "int8_activations")]
+    return [fn for fn, _, _ in model.executor.steps if hasattr(fn, "int8_activations")]
 
 
 def _greedy(model, ids, n=GREEDY_TOKENS):

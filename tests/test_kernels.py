@@ -14,7 +14,8 @@ import zlib
 import numba
 import numpy as np
 import pytest
-from edgeinfer.export.quantize import dequantize, quantize
+from edgeinfer.export.quantize import quantize
+from edgeinfer.format.quant import dequantize
 
 from edgeinfer.kernels import (
     apply_rotary,

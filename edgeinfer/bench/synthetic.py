@@ -14,7 +14,8 @@ here are built so that (measured and printed, see `ActivationStats`):
   residual stream, so hidden states are correlated in time (LLM in a flash §3.3);
 - what a layer reads lives mostly in a few hundred "semantic" directions with a
   decaying spectrum, so a rank-64 predictor is useful but not perfect;
-- MoE routers prefer some experts (usage drawn from a Zipf law per layer).
+- MoE routers prefer some experts (usage drawn from a Zipf law per layer, or fitted to
+  a given per-layer usage, e.g. a trained model's).
 Everything is labelled synthetic: config.json (`edgeinfer_synthetic`), the
 manifest's source, bench's title and JSON. Generated models go to /tmp or out/.
 """
@@ -211,11 +212,16 @@ class _Builder:
         down *= scale
         return {"gate": gate, "up": up, "down": down}, out * scale, act != 0
 
-    def moe(self, x: np.ndarray, calib: slice, h_rms: float) -> tuple[dict, np.ndarray, np.ndarray]:
-        """Mixtral block: router with skewed (Zipf) expert usage, SiLU experts."""
+    def moe(self, x: np.ndarray, calib: slice, h_rms: float,
+            target_usage: list[float] | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Mixtral block: router with skewed expert usage (`target_usage`, else Zipf), SiLU experts."""
         d, F, E, K = self.s.hidden, self.s.ffn, self.s.experts, self.s.top_k
-        target = 1.0 / np.arange(1, E + 1) ** 1.1
-        target = self.rng.permutation(target / target.sum())
+        if target_usage is None:
+            target = 1.0 / np.arange(1, E + 1) ** 1.1
+            target = self.rng.permutation(target / target.sum())
+        else:
+            target = np.asarray(target_usage, np.float64) + 0.01      # every expert used a little
+            target /= target.sum()
         router = self.randn(E, self.r, scale=1 / np.sqrt(self.r)) @ self.P
         dc = x @ self.u
         bias = np.zeros(E, np.float32)
@@ -266,16 +272,27 @@ def _text_ids(n: int, offset_fraction: float) -> list[int]:
 
 
 def write_checkpoint(folder: str | os.PathLike, shape: str = "7b-like", *, layers: int = 2, ffn: int | None = None,
-                     seed: int = 0, tokens: int = 256, force: bool = False, progress: bool = True) -> dict:
-    """Write the synthetic checkpoint to `folder`; returns the measured statistics."""
+                     hidden: int | None = None, experts: int | None = None,
+                     expert_usage: list[list[float]] | None = None, seed: int = 0, tokens: int = 256,
+                     force: bool = False, progress: bool = True) -> dict:
+    """Write the synthetic checkpoint to `folder`; returns the measured statistics.
+
+    ffn, hidden, experts override the shape's; expert_usage (MoE shapes): the fraction of
+    tokens routed to each expert, one list per layer (reused cyclically over the layers),
+    that the routers are fitted to instead of a Zipf law."""
     from safetensors.numpy import save_file
     if shape not in SHAPES:
         raise EdgeInferError(f"unknown synthetic shape {shape!r}; choose one of {', '.join(SHAPES)}")
     if layers < 1:
         raise EdgeInferError("--layers must be at least 1")
-    sh = SHAPES[shape]
-    if ffn is not None:
-        sh = Shape(**{**asdict(sh), "ffn": int(ffn)})
+    overrides = {k: int(v) for k, v in (("ffn", ffn), ("hidden", hidden), ("experts", experts)) if v is not None}
+    sh = Shape(**{**asdict(SHAPES[shape]), **overrides})
+    if sh.hidden % sh.heads:
+        raise EdgeInferError(f"hidden {sh.hidden} is not a multiple of the {shape} shape's {sh.heads} heads")
+    if sh.experts and sh.top_k > sh.experts:
+        raise EdgeInferError(f"{sh.experts} experts are fewer than the {shape} shape's top-{sh.top_k} routing")
+    if expert_usage is not None and (not sh.experts or any(len(u) < sh.experts for u in expert_usage)):
+        raise EdgeInferError(f"expert_usage needs a MoE shape and at least {sh.experts} fractions per layer")
     folder = Path(folder)
     if folder.exists():
         if not force:
@@ -319,7 +336,8 @@ def write_checkpoint(folder: str | os.PathLike, shape: str = "7b-like", *, layer
                    p + "self_attn.q_proj.weight": aw["q"], p + "self_attn.k_proj.weight": aw["k"],
                    p + "self_attn.v_proj.weight": aw["v"], p + "self_attn.o_proj.weight": aw["o"]}
         if sh.experts:
-            mw, out, top = b.moe(x, calib, h_rms)
+            target = None if expert_usage is None else expert_usage[i % len(expert_usage)][:sh.experts]
+            mw, out, top = b.moe(x, calib, h_rms, target)
             tensors[p + "block_sparse_moe.gate.weight"] = mw["router"]
             for e, ex in enumerate(mw["experts"]):
                 for k, v in ex.items():

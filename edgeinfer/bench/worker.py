@@ -103,7 +103,7 @@ class Session:
         m = self.model
         plan = m.plan
         buffers = window_neurons = 0
-        for step in m.executor.plan:
+        for step in m.executor.steps:
             fn = step[0]
             window_neurons += getattr(getattr(fn, "window", None), "capacity", 0)
             for attr in ("window", "cache"):          # neuron window (dense), expert cache (MoE)
