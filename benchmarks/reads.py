@@ -82,7 +82,7 @@ def main() -> int:
                 for d, wf in files.items():
                     rate = measure(wf, chunk, args.seconds, rng)
                     best[(chunk, d)] = max(best.get((chunk, d), 0.0), rate)
-        modes = {d: wf.mode for d, wf in files.items()}
+        modes = {d: wf.read_mode for d, wf in files.items()}
         for wf in files.values():
             if wf.queue_depth != 0 and not wf._rings:
                 print(f"note: depth {wf.queue_depth}: no io_uring here, pread threads were used", file=sys.stderr)

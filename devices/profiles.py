@@ -304,7 +304,7 @@ def probe(directory: str | os.PathLike, *, chunk_sizes: Sequence[int] = DEFAULT_
         precisions=Precisions(),
         flash_storage=f"{directory.resolve()} (measured)",
         sources=(
-            f"flash: measured, {how[flash.mode]} random chunk-aligned reads of a "
+            f"flash: measured, {how[flash.read_mode]} random chunk-aligned reads of a "
             f"{flash.file_size >> 20} MiB file, {flash.threads} threads, "
             f"{'native' if flash.native else 'Python'} reader, {seconds:g} s per size; "
             "a virtual disk may be served from the host's cache",

@@ -116,8 +116,8 @@ class Session:
             for key, f in plan.context.files.items():
                 if isinstance(f, np.ndarray):
                     buffers += f.nbytes                    # e.g. naive mode's scratch buffer
-                elif hasattr(f, "mode"):
-                    files[str(key)] = f.mode
+                elif hasattr(f, "read_mode"):
+                    files[str(key)] = f.read_mode
         import numba
         return {"mode": m.mode, "budget": plan.budget if plan else None,
                 "minimum_bytes": plan.minimum_bytes if plan else None,

@@ -116,13 +116,13 @@ class WeightFile:
         self.max_gap = max_gap
         self.max_read = max_read
         self.queue_depth = queue_depth
-        self.mode = "buffered"          # "direct" (O_DIRECT), "nocache" (F_NOCACHE), "buffered"
+        self.read_mode = "buffered"     # "direct" (O_DIRECT), "nocache" (F_NOCACHE), "buffered"
         self.fallback_reason: str | None = None
         self._fd = self._open(direct)
         self._finalizer = weakref.finalize(self, os.close, self._fd)
         real_size = os.fstat(self._fd).st_size
         self.size = faults.file_size(real_size) if faults is not None else real_size
-        self.align = ALIGN if self.mode == "direct" else 1
+        self.align = ALIGN if self.read_mode == "direct" else 1
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -158,7 +158,7 @@ class WeightFile:
                 else:
                     reason = self._check_direct(fd)
                     if reason is None:
-                        self.mode = "direct"
+                        self.read_mode = "direct"
                         return fd
                     os.close(fd)
             elif sys.platform == "darwin":
@@ -166,7 +166,7 @@ class WeightFile:
                 fd = os.open(self.path, flags)
                 try:
                     fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
-                    self.mode = "nocache"
+                    self.read_mode = "nocache"
                     return fd
                 except OSError as exc:
                     os.close(fd)
@@ -302,7 +302,7 @@ class WeightFile:
                     self._run_native(plan, out, staging, tally)
                 else:
                     self._run_python(plan, out, staging, tally)
-                if self.mode == "buffered" and hasattr(os, "posix_fadvise"):
+                if self.read_mode == "buffered" and hasattr(os, "posix_fadvise"):
                     lo = int(plan.piece_offset[0])
                     hi = int((plan.piece_offset + plan.piece_length).max())
                     os.posix_fadvise(self._fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
@@ -414,7 +414,7 @@ class WeightFile:
             except OSError as exc:
                 if exc.errno == errno.EINTR:
                     continue
-                if exc.errno == errno.EINVAL and self.mode == "direct":
+                if exc.errno == errno.EINVAL and self.read_mode == "direct":
                     raise StorageError(
                         f"O_DIRECT read of {want} bytes at offset {pos} of {self.path} "
                         f"was refused (EINVAL): the device may need an alignment above "
@@ -519,7 +519,7 @@ class WeightFile:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"WeightFile({self.path!r}, mode={self.mode}, size={self.size}, "
+        return (f"WeightFile({self.path!r}, read_mode={self.read_mode}, size={self.size}, "
                 f"native={self.native})")
 
 
