@@ -53,6 +53,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 import edgeinfer  # noqa: E402
+from edgeinfer.format.constants import MANIFEST, TOKENIZER_FILE  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "models" / "llama-relu-8m" / "tokenizer.json"   # vocab 8192
 BACKENDS = ("numba", "numba-int8act", "ort", "ort-int8act", "hybrid")
@@ -94,7 +95,7 @@ def synthetic_checkpoint(args) -> Path:
     if d.exists():
         shutil.rmtree(d)
     model.save_pretrained(d, safe_serialization=True)
-    shutil.copy(TOKENIZER, d / "tokenizer.json")
+    shutil.copy(TOKENIZER, d / TOKENIZER_FILE)
     return d
 
 
@@ -105,7 +106,7 @@ def synthetic_exports(args) -> dict[str, Path]:
     out = {}
     for layout in args.layouts:
         dst = Path(args.work) / f"{src.name}-int4-{layout}"
-        if not (dst / "manifest.json").exists() or args.rebuild:
+        if not (dst / MANIFEST).exists() or args.rebuild:
             print(f"exporting {dst} ...", file=sys.stderr, flush=True)
             export(src, dst, quant="int4", bundle=(layout == "bundled"), force=True, progress=True)
         out[layout] = dst
@@ -284,7 +285,7 @@ def main(argv=None) -> int:
     report = dict(environment=environment(args), decode=[], cold_start=[], weight_bytes={})
     if not args.cold_only:
         if args.model:
-            m = json.loads((Path(args.model) / "manifest.json").read_text())
+            m = json.loads((Path(args.model) / MANIFEST).read_text())
             folders = {m.get("ffn_layout", "model"): Path(args.model)}
         else:
             folders = synthetic_exports(args)

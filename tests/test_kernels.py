@@ -187,6 +187,16 @@ def test_gather(bits, bs):
         gather_nbits(packed, scales, [50], bits, bs)
 
 
+@pytest.mark.parametrize("bits,bs", [(4, 32), (8, 64), (2, 128), (2, 32)])
+def test_dequantize_nbits_matches_the_reference(bits, bs):
+    """The compiled dequantizer (long-prompt BLAS path) is the reference, bit for bit."""
+    from edgeinfer.kernels.quant import dequantize_nbits
+
+    packed, scales = random_quantized(rng_for("deq", bits, bs), 37, 256, bits, bs)
+    np.testing.assert_array_equal(dequantize_nbits(packed, scales, bits), dequantize(packed, scales, bits))
+    assert dequantize_nbits(packed[:0], scales[:0], bits).shape == (0, 256)
+
+
 def test_quant_validation():
     packed, scales = random_quantized(rng_for("val"), 8, 64, 4, 32)
     x = np.ones((1, 64), dtype=np.float32)

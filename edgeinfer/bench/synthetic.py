@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeinfer.errors import EdgeInferError, UnsupportedModelError
+from edgeinfer.format.constants import MANIFEST, TOKENIZER_FILE
 
 DEMO_TOKENIZER = Path(__file__).resolve().parent.parent / "demo" / "tokenizer.json"   # = the llama-relu-8m fixture's
 VOCAB = 8192
@@ -287,8 +288,9 @@ def write_checkpoint(folder: str | os.PathLike, shape: str = "7b-like", *, layer
         raise EdgeInferError("--layers must be at least 1")
     overrides = {k: int(v) for k, v in (("ffn", ffn), ("hidden", hidden), ("experts", experts)) if v is not None}
     sh = Shape(**{**asdict(SHAPES[shape]), **overrides})
-    if sh.hidden % sh.heads:
-        raise EdgeInferError(f"hidden {sh.hidden} is not a multiple of the {shape} shape's {sh.heads} heads")
+    if sh.hidden % (2 * sh.heads):
+        raise EdgeInferError(f"hidden {sh.hidden} is not a multiple of 2 x the {shape} shape's {sh.heads} heads "
+                             "(rotary embeddings need an even head size)")
     if sh.experts and sh.top_k > sh.experts:
         raise EdgeInferError(f"{sh.experts} experts are fewer than the {shape} shape's top-{sh.top_k} routing")
     if expert_usage is not None and (not sh.experts or any(len(u) < sh.experts for u in expert_usage)):
@@ -365,7 +367,7 @@ def write_checkpoint(folder: str | os.PathLike, shape: str = "7b-like", *, layer
     (tmp / "config.json").write_text(json.dumps(_hf_config(sh, layers) | {"edgeinfer_synthetic": info}, indent=1))
     (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 0,
                                                             "pad_token_id": 1}, indent=1))
-    shutil.copyfile(DEMO_TOKENIZER, tmp / "tokenizer.json")
+    shutil.copyfile(DEMO_TOKENIZER, tmp / TOKENIZER_FILE)
     (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
                                                            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                                                            "pad_token": "<|pad|>"}, indent=1))
@@ -397,7 +399,7 @@ def _hf_config(sh: Shape, layers: int) -> dict:
 def label_manifest(model_dir: Path, info: dict) -> None:
     """Mark the exported folder's manifest source as synthetic (atomic rewrite;
     manifest.json is not in its own checksummed file table)."""
-    path = Path(model_dir) / "manifest.json"
+    path = Path(model_dir) / MANIFEST
     m = json.loads(path.read_text())
     m.setdefault("source", {})["synthetic"] = info
     tmp = path.with_suffix(".json.partial-tmp")
@@ -427,7 +429,7 @@ def make_synthetic(out: str | os.PathLike, *, shape: str = "7b-like", layers: in
         raise UnsupportedModelError(f"{exc}; the synthetic checkpoint is at {ckpt} (export it once the exporter "
                                     "supports it)") from None
     label_manifest(out, info)
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / MANIFEST).read_text())
     for st in m.get("predictors") or []:
         _say(progress, f"{st['layer']}: exported model true_active {st['true_active']}, predictor selects "
                        f"{st['predicted_active']} (recall {st['recall']}, precision {st['precision']})")
