@@ -41,6 +41,7 @@ import edgeinfer  # noqa: E402
 from edgeinfer.bench.report import write_json  # noqa: E402
 from edgeinfer.bench.synthetic import write_checkpoint  # noqa: E402
 from edgeinfer.format.constants import EXPERTS_FILE, MANIFEST, TOKENIZER_FILE  # noqa: E402
+from edgeinfer.format.quant import EXPERT_LOW_QUANTS  # noqa: E402
 from edgeinfer.streaming.moe.op import runtime_of  # noqa: E402
 from edgeinfer.units import fmt_bytes  # noqa: E402
 
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--quant", default="int8", choices=["int8", "int4"])
-    p.add_argument("--expert-low", default="int4", choices=["int4", "int2"])
+    p.add_argument("--expert-low", default="int4", choices=EXPERT_LOW_QUANTS)
     p.add_argument("--budget", type=float, default=0.5,
                    help="memory budget as a fraction of the expert bytes (default 0.5: experts = 2x the budget)")
     p.add_argument("--threshold", type=lambda v: [float(t) for t in v.split(",")], default=[0.5, 0.8],

@@ -33,6 +33,7 @@ import numpy as np
 
 from edgeinfer.errors import EdgeInferError, UnsupportedModelError
 from edgeinfer.format.constants import MANIFEST, TOKENIZER_FILE
+from edgeinfer.units import fmt_bytes
 
 DEMO_TOKENIZER = Path(__file__).resolve().parent.parent / "demo" / "tokenizer.json"   # = the llama-relu-8m fixture's
 VOCAB = 8192
@@ -433,7 +434,7 @@ def make_synthetic(out: str | os.PathLike, *, shape: str = "7b-like", layers: in
     for st in m.get("predictors") or []:
         _say(progress, f"{st['layer']}: exported model true_active {st['true_active']}, predictor selects "
                        f"{st['predicted_active']} (recall {st['recall']}, precision {st['precision']})")
-    files = ", ".join(f"{f['path']} {f['size'] / 2**20:.0f} MiB" for f in m["files"] if f["path"].endswith(".bin"))
+    files = ", ".join(f"{f['path']} {fmt_bytes(f['size'])}" for f in m["files"] if f["path"].endswith(".bin"))
     _say(progress, f"model written: {out} ({files})")
     print(json.dumps(info["stats"], indent=1))
     return info
