@@ -1,7 +1,7 @@
 """Matmuls and embedding gathers over quantized (MatMulNBits layout) and float16 weights.
 
 Weights are W [N, K] as nn.Linear stores them; y = x @ W.T. Quantized layout, fixed by
-export/quantize.py: packed uint8 [N, K // block, block * bits // 8], scales float32
+edgeinfer/format/quant.py: packed uint8 [N, K // block, block * bits // 8], scales float32
 [N, K // block], symmetric with zero point 2**(bits-1); `edgeinfer.format.quant.dequantize`
 is the reference these kernels are tested against.
 
