@@ -53,9 +53,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 import edgeinfer  # noqa: E402
+from edgeinfer.format.constants import MANIFEST, TOKENIZER_FILE  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "models" / "llama-relu-8m" / "tokenizer.json"   # vocab 8192
-BACKENDS = ("numba", "numba-int8act", "ort", "ort-int8act", "hybrid")
+# backend x matmul activations: the runtime's BACKENDS, and int8 activations for two of them
+BACKEND_ROWS = ("numba", "numba-int8act", "ort", "ort-int8act", "hybrid")
 PROMPT = "Once upon a time, in a land far away, there"
 
 COLD_CHILD = r"""
@@ -94,7 +96,7 @@ def synthetic_checkpoint(args) -> Path:
     if d.exists():
         shutil.rmtree(d)
     model.save_pretrained(d, safe_serialization=True)
-    shutil.copy(TOKENIZER, d / "tokenizer.json")
+    shutil.copy(TOKENIZER, d / TOKENIZER_FILE)
     return d
 
 
@@ -105,7 +107,7 @@ def synthetic_exports(args) -> dict[str, Path]:
     out = {}
     for layout in args.layouts:
         dst = Path(args.work) / f"{src.name}-int4-{layout}"
-        if not (dst / "manifest.json").exists() or args.rebuild:
+        if not (dst / MANIFEST).exists() or args.rebuild:
             print(f"exporting {dst} ...", file=sys.stderr, flush=True)
             export(src, dst, quant="int4", bundle=(layout == "bundled"), force=True, progress=True)
         out[layout] = dst
@@ -263,7 +265,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--layouts", default="bundled,matmul", help="synthetic exports: bundled, matmul or both")
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, from {', '.join(BACKENDS)}")
+    p.add_argument("--backends", default=",".join(BACKEND_ROWS), help=f"comma-separated, from {', '.join(BACKEND_ROWS)}")
     p.add_argument("--tokens", type=int, default=32, help="decode steps per round (default 32)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
@@ -277,14 +279,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.layouts = [x for x in args.layouts.split(",") if x]
     args.backends = [x for x in args.backends.split(",") if x]
-    bad = [b for b in args.backends if b not in BACKENDS] + [x for x in args.layouts if x not in ("bundled", "matmul")]
+    bad = [b for b in args.backends if b not in BACKEND_ROWS] + [x for x in args.layouts if x not in ("bundled", "matmul")]
     if bad:
         p.error(f"unknown backend/layout {', '.join(bad)}")
 
     report = dict(environment=environment(args), decode=[], cold_start=[], weight_bytes={})
     if not args.cold_only:
         if args.model:
-            m = json.loads((Path(args.model) / "manifest.json").read_text())
+            m = json.loads((Path(args.model) / MANIFEST).read_text())
             folders = {m.get("ffn_layout", "model"): Path(args.model)}
         else:
             folders = synthetic_exports(args)

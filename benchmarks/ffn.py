@@ -15,6 +15,7 @@ import numpy as np
 
 from edgeinfer.format.bundle import BundleLayout
 from edgeinfer.kernels import ffn
+from edgeinfer.units import fmt_bytes
 
 
 def _best(fn, reps: int) -> float:
@@ -45,7 +46,7 @@ def main(argv=None) -> None:
     dst = np.empty_like(src)
     memcpy = records.nbytes / _best(lambda: np.copyto(dst, src), args.reps) / 1e9
     print(f"bundled FFN, int{args.bits}, hidden {args.hidden}, {args.neurons} neurons x {lay.record_bytes} B "
-          f"records ({records.nbytes / 2**20:.1f} MiB); memcpy {memcpy:.1f} GB/s")
+          f"records ({fmt_bytes(records.nbytes)}); memcpy {memcpy:.1f} GB/s")
     print(f"{'threads':>7} | {'SIMD GB/s':>9} {'% memcpy':>8} | {'loop GB/s':>9} | {'ratio':>5}")
     for t in args.threads:
         numba.set_num_threads(t)

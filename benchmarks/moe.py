@@ -16,11 +16,10 @@ Each row decodes the same token sequence (teacher-forced text, so low precision 
 change the workload), `--tokens` steps after a `--prompt-tokens` prefill; rounds alternate
 the rows so machine-load drift reaches every row alike. ms/token is the median step.
 
-The synthetic model is labelled SYNTHETIC everywhere: random weights at Mixtral-like
-shapes (default hidden 2048, 8 experts x FFN 8192, 2 layers) whose routers are fitted so
-each layer's expert usage matches the trained fixture's (tests/fixtures/models/
-fixtures_metrics.json, mixtral-8x-16m), and whose residual stream dominates each layer's
-update (as in trained models), so the next layer's router is predictable. It is written
+The synthetic model is labelled SYNTHETIC everywhere: edgeinfer.bench.synthetic's
+mixtral-like checkpoint at the shapes given here (default hidden 2048, 8 experts x FFN
+8192, 2 layers), its routers fitted so each layer's expert usage matches the trained
+fixture's (tests/fixtures/models/fixtures_metrics.json, mixtral-8x-16m). It is written
 under --work (a temp dir by default, removed afterwards), never inside the repository.
 """
 from __future__ import annotations
@@ -35,140 +34,25 @@ import time
 from pathlib import Path
 
 import numba
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
 import edgeinfer  # noqa: E402
 from edgeinfer.bench.report import write_json  # noqa: E402
+from edgeinfer.bench.synthetic import write_checkpoint  # noqa: E402
+from edgeinfer.format.constants import EXPERTS_FILE, MANIFEST, TOKENIZER_FILE  # noqa: E402
+from edgeinfer.format.quant import EXPERT_LOW_QUANTS  # noqa: E402
 from edgeinfer.streaming.moe.op import runtime_of  # noqa: E402
+from edgeinfer.units import fmt_bytes  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
-TOKENIZER = FIXTURES / "models" / "mixtral-8x-16m" / "tokenizer.json"
 USAGE = FIXTURES / "models" / "fixtures_metrics.json"
 TEXT = FIXTURES / "data" / "wikitext2_test_head.txt"
-VOCAB = 8192
 ROWS = {
     "a": ("(a) lru", dict(expert_policy="lru", prefetch=False, expert_low_threshold=0.0)),
     "b": ("(b) lru+prefetch", dict(expert_policy="lru", prefetch=True, expert_low_threshold=0.0)),
     "c": ("(c) hobbit", dict(expert_policy="hobbit", prefetch=True)),
 }
-
-
-# ---- the synthetic checkpoint -----------------------------------------------------------------
-def _rms(x):
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5)
-
-
-def _attention(x, wq, wk, wv, wo, heads, kv_heads):
-    """Causal attention without rotary (only used to shape the hidden states the routers are fitted on)."""
-    t, d = x.shape
-    hd = wq.shape[0] // heads
-    q = (x @ wq.T).reshape(t, heads, hd).transpose(1, 0, 2)
-    k = np.repeat((x @ wk.T).reshape(t, kv_heads, hd).transpose(1, 0, 2), heads // kv_heads, 0)
-    v = np.repeat((x @ wv.T).reshape(t, kv_heads, hd).transpose(1, 0, 2), heads // kv_heads, 0)
-    s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + np.triu(np.full((t, t), -np.inf, np.float32), 1)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return (p @ v).transpose(1, 0, 2).reshape(t, -1) @ wo.T
-
-
-def synthetic_checkpoint(folder: Path, *, hidden: int, ffn: int, experts: int, top_k: int, layers: int,
-                         seed: int = 0) -> dict:
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    heads, kv_heads = max(1, hidden // 128), max(1, hidden // 512)
-    fixture = json.loads(USAGE.read_text())["mixtral-8x-16m"]["expert_usage_per_layer"]
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    def randn(*shape, scale=1.0):
-        return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
-
-    u = randn(hidden)
-    u /= np.linalg.norm(u)                         # a direction every token carries (as trained models do)
-    embed = randn(VOCAB, hidden, scale=0.02) + 0.02 * np.sqrt(hidden) * 0.6 * u
-    from tokenizers import Tokenizer
-    # routers are fitted on the end of the text; the benchmark decodes its beginning
-    calib = Tokenizer.from_file(str(TOKENIZER)).encode(TEXT.read_text()[-30000:]).ids[:256]
-    h = embed[calib]
-    weight_map, usage_log = {}, []
-
-    def save(tensors, idx, total):
-        name = f"model-{idx:05d}-of-{total:05d}.safetensors"
-        save_file({k: np.ascontiguousarray(v, dtype=np.float16) for k, v in tensors.items()}, str(tmp / name),
-                  metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-
-    n_shards = layers + 1
-    save({"model.embed_tokens.weight": embed, "model.norm.weight": np.ones(hidden, np.float32)}, 1, n_shards)
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        hd = hidden // heads
-        wq, wk = randn(heads * hd, hidden, scale=hidden ** -0.5), randn(kv_heads * hd, hidden, scale=hidden ** -0.5)
-        wv, wo = randn(kv_heads * hd, hidden, scale=hidden ** -0.5), randn(hidden, heads * hd)
-        a = _attention(_rms(h), wq, wk, wv, wo, heads, kv_heads)
-        f = 0.15 * np.sqrt((h * h).mean()) / np.sqrt((a * a).mean())     # attention: a small update
-        wo *= f
-        h = h + a * f
-        x = _rms(h)
-        # router: random directions plus a per-expert bias along u, fitted to the fixture's usage
-        target = np.asarray(fixture[i % len(fixture)][:experts], np.float64) + 0.01
-        target /= target.sum()
-        router = randn(experts, hidden, scale=1.5 / np.sqrt(hidden))
-        dc = x @ u
-        bias = np.zeros(experts, np.float32)
-        for _ in range(200):
-            top = np.argsort(-(x @ router.T + dc[:, None] * bias), 1)[:, :top_k]
-            got = np.bincount(top.ravel(), minlength=experts) / top.size
-            bias += 0.3 * np.log(target / (got + 1e-3)) / float(dc.mean())
-        router = router + bias[:, None] * u[None, :]
-        logits = x @ router.T
-        top = np.argsort(-logits, 1)[:, :top_k]
-        usage_log.append([round(float(v), 3) for v in np.bincount(top.ravel(), minlength=experts) / top.size])
-        w = np.take_along_axis(logits, top, 1)
-        w = np.exp(w - w.max(1, keepdims=True))
-        w /= w.sum(1, keepdims=True)
-        tensors = {p + "input_layernorm.weight": np.ones(hidden, np.float32),
-                   p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
-                   p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk,
-                   p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": wo,
-                   p + "block_sparse_moe.gate.weight": router}
-        out = np.zeros_like(h)
-        for e in range(experts):
-            w1, w3 = randn(ffn, hidden, scale=hidden ** -0.5), randn(ffn, hidden, scale=hidden ** -0.5)
-            w2 = randn(hidden, ffn, scale=ffn ** -0.5)
-            rows, slot = np.nonzero(top == e)
-            if rows.size:
-                g = x[rows] @ w1.T
-                out[rows] += w[rows, slot, None] * ((g / (1 + np.exp(-g)) * (x[rows] @ w3.T)) @ w2.T)
-            for name, m in (("w1", w1), ("w2", w2), ("w3", w3)):
-                tensors[p + f"block_sparse_moe.experts.{e}.{name}.weight"] = m
-        scale = 0.3 * np.sqrt((h * h).mean()) / max(float(np.sqrt((out * out).mean())), 1e-12)
-        for e in range(experts):                 # experts: an update of 30% of the residual's size
-            tensors[p + f"block_sparse_moe.experts.{e}.w2.weight"] *= scale
-        h = h + out * scale
-        save(tensors, i + 2, n_shards)
-        print(f"  synthetic layer {i}: expert usage {usage_log[-1]}", file=sys.stderr, flush=True)
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    info = {"synthetic": True, "note": "SYNTHETIC random weights at Mixtral-like shapes; routers fitted to the "
-                                       "mixtral-8x-16m fixture's expert usage; not a language model",
-            "hidden": hidden, "ffn": ffn, "experts": experts, "top_k": top_k, "layers": layers,
-            "expert_usage": usage_log}
-    config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_act": "silu",
-              "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
-              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_local_experts": experts,
-              "num_experts_per_tok": top_k, "vocab_size": VOCAB, "max_position_embeddings": 1024,
-              "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": True, "bos_token_id": 0,
-              "eos_token_id": 0, "torch_dtype": "float16", "sliding_window": None,
-              "edgeinfer_synthetic": info}
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    shutil.copyfile(TOKENIZER, tmp / "tokenizer.json")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return info
 
 
 # ---- measurement -------------------------------------------------------------------------------
@@ -198,11 +82,12 @@ def run(args) -> dict:
             ckpt = work / f"{tag}.hf"
             if not (ckpt / "config.json").exists():
                 print(f"writing the SYNTHETIC checkpoint {ckpt} ...", file=sys.stderr, flush=True)
-                synthetic_checkpoint(ckpt, hidden=args.hidden, ffn=args.ffn, experts=args.experts, top_k=2,
-                                     layers=args.layers)
+                usage = json.loads(USAGE.read_text())["mixtral-8x-16m"]["expert_usage_per_layer"]
+                write_checkpoint(ckpt, "mixtral-like", layers=args.layers, hidden=args.hidden, ffn=args.ffn,
+                                 experts=args.experts, expert_usage=usage, force=True)
             synthetic = json.loads((ckpt / "config.json").read_text())["edgeinfer_synthetic"]
             folder = work / f"{tag}-{args.quant}-{args.expert_low}"
-            if not (folder / "manifest.json").exists():
+            if not (folder / MANIFEST).exists():
                 from edgeinfer.export.exporter import export
                 print(f"exporting to {folder} ({args.quant}, experts also {args.expert_low}) ...", file=sys.stderr,
                       flush=True)
@@ -220,9 +105,9 @@ def measure(folder: Path, args, synthetic) -> dict:
 
     from edgeinfer.format.manifest import read_manifest
     m = read_manifest(folder)
-    experts_bytes = sum(e.nbytes for e in m.tensors.values() if e.file == "experts.bin")
+    experts_bytes = sum(e.nbytes for e in m.tensors.values() if e.file == EXPERTS_FILE)
     budget = int(experts_bytes * args.budget)
-    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXT.read_text()[:20000]).ids
+    ids = Tokenizer.from_file(str(folder / TOKENIZER_FILE)).encode(TEXT.read_text()[:20000]).ids
     ids = ids[:args.prompt_tokens + args.tokens]
     specs = {}
     for key in args.rows:
@@ -235,7 +120,7 @@ def measure(folder: Path, args, synthetic) -> dict:
                                     io_threads=args.io_threads, io_depth=args.io_depth, **opts)
               for label, opts in specs.items()}
     some = next(iter(models.values()))
-    direct = {f.mode for f in some.plan.context.files.values() if hasattr(f, "mode")}
+    direct = {f.read_mode for f in some.plan.context.files.values() if hasattr(f, "read_mode")}
     results = {k: {"times": [], "stats": [], "counts": [], "round_ms": []} for k in models}
     for r in range(args.rounds):
         order = list(models)[r % len(models):] + list(models)[:r % len(models)]
@@ -289,12 +174,12 @@ def print_table(out: dict) -> None:
     s = out["shape"]
     label = "SYNTHETIC " if out["synthetic"] else ""
     q = out["quantization"]
-    mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
     print(f"{label}Mixtral-like MoE: hidden {s['hidden']}, {s['experts']} experts x FFN {s['ffn']} "
           f"(top-{s['top_k']}), {s['layers']} layers; {q['weights']} experts, low copy {q['expert_low']} (nested)")
-    print(f"experts {mib(out['experts_bytes'])} = {out['experts_bytes'] / out['budget_bytes']:.2f} x the budget "
-          f"{mib(out['budget_bytes'])} (resident {mib(out['resident_bytes'])}, expert caches "
-          f"{mib(out['cache_bytes'])}); reads {', '.join(out['read_mode'])}, "
+    print(f"experts {fmt_bytes(out['experts_bytes'])} = {out['experts_bytes'] / out['budget_bytes']:.2f} x "
+          f"the budget "
+          f"{fmt_bytes(out['budget_bytes'])} (resident {fmt_bytes(out['resident_bytes'])}, expert caches "
+          f"{fmt_bytes(out['cache_bytes'])}); reads {', '.join(out['read_mode'])}, "
           f"{f'io_uring depth {d}' if (d := out['io_depth']) else str(out['io_threads']) + ' read threads'}; "
           f"{out['threads']} compute thread(s); {out['tokens']} tokens x {out['rounds']} rounds")
     cols = [("row", 22, "{}"), ("ms_per_token", 8, "{:.1f}"), ("speedup_vs_a", 7, "{:.2f}x"),
@@ -326,7 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--quant", default="int8", choices=["int8", "int4"])
-    p.add_argument("--expert-low", default="int4", choices=["int4", "int2"])
+    p.add_argument("--expert-low", default="int4", choices=EXPERT_LOW_QUANTS)
     p.add_argument("--budget", type=float, default=0.5,
                    help="memory budget as a fraction of the expert bytes (default 0.5: experts = 2x the budget)")
     p.add_argument("--threshold", type=lambda v: [float(t) for t in v.split(",")], default=[0.5, 0.8],

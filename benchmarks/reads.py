@@ -23,6 +23,7 @@ import numpy as np
 
 from edgeinfer.bench.report import write_json  # noqa: E402
 from edgeinfer.io import WeightFile, aligned_empty  # noqa: E402
+from edgeinfer.units import fmt_bytes  # noqa: E402
 
 
 def size(text: str) -> int:
@@ -82,7 +83,7 @@ def main() -> int:
                 for d, wf in files.items():
                     rate = measure(wf, chunk, args.seconds, rng)
                     best[(chunk, d)] = max(best.get((chunk, d), 0.0), rate)
-        modes = {d: wf.mode for d, wf in files.items()}
+        modes = {d: wf.read_mode for d, wf in files.items()}
         for wf in files.values():
             if wf.queue_depth != 0 and not wf._rings:
                 print(f"note: depth {wf.queue_depth}: no io_uring here, pread threads were used", file=sys.stderr)
@@ -95,8 +96,7 @@ def main() -> int:
     print(f"random reads per second (thousands), {path} ({modes[args.depths[0]]} I/O), best of {args.rounds}")
     print(f"{'size':>8}" + "".join(f"{c:>14}" for c in cols))
     for chunk in args.sizes:
-        label = f"{chunk >> 20} MiB" if chunk >= 1 << 20 else f"{chunk >> 10} KiB"
-        print(f"{label:>8}" + "".join(f"{best[(chunk, d)] / 1e3:>14.1f}" for d in args.depths))
+        print(f"{fmt_bytes(chunk):>8}" + "".join(f"{best[(chunk, d)] / 1e3:>14.1f}" for d in args.depths))
     if args.json:
         rows = [{"bytes": c, "depth": d, "threads": args.threads if d == 0 else 1, "reads_per_s": best[(c, d)],
                  "gbps": best[(c, d)] * c / 1e9} for c in args.sizes for d in args.depths]

@@ -30,6 +30,7 @@ import numpy as np
 
 from edgeinfer.errors import DeviceProfileError, InvalidArgumentError
 from edgeinfer.io.measure import DEFAULT_CHUNKS, measure_read_bandwidth
+from edgeinfer.units import fmt_bytes
 
 PRECISIONS = ("int2", "int4", "int8", "float16", "bfloat16", "float32")
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
@@ -279,7 +280,7 @@ def probe(directory: str | os.PathLike, *, chunk_sizes: Sequence[int] = DEFAULT_
     try:
         flash = measure_read_bandwidth(
             directory, chunks, threads=threads, file_size=file_size, seconds=seconds,
-            progress=lambda i, c, g: say(f"  [{i + 1}/{len(chunks)}] {_size(c):>8}: "
+            progress=lambda i, c, g: say(f"  [{i + 1}/{len(chunks)}] {fmt_bytes(c):>8}: "
                                          f"{g:8.3f} GB/s"))
     except OSError as exc:
         raise DeviceProfileError(f"probe of {directory} failed: {exc}") from exc
@@ -303,7 +304,7 @@ def probe(directory: str | os.PathLike, *, chunk_sizes: Sequence[int] = DEFAULT_
         precisions=Precisions(),
         flash_storage=f"{directory.resolve()} (measured)",
         sources=(
-            f"flash: measured, {how[flash.mode]} random chunk-aligned reads of a "
+            f"flash: measured, {how[flash.read_mode]} random chunk-aligned reads of a "
             f"{flash.file_size >> 20} MiB file, {flash.threads} threads, "
             f"{'native' if flash.native else 'Python'} reader, {seconds:g} s per size; "
             "a virtual disk may be served from the host's cache",
@@ -326,13 +327,6 @@ class _Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def _size(n: int) -> str:
-    for unit, shift in (("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} B"
-
-
 def _physical_memory() -> tuple[int, bool]:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), True
@@ -351,7 +345,3 @@ def _available_providers() -> tuple[str, ...]:
         providers.append("CPUExecutionProvider")
     return tuple(providers)
 
-
-def format_size(n: int) -> str:
-    """Bytes as a short human figure (GiB with one decimal)."""
-    return f"{n / 2**30:.1f} GiB"

@@ -1,4 +1,5 @@
-"""Memory budgets: "40%" (of the model's weight bytes), "3MB", "2GB", "512MiB" or bytes."""
+"""Sizes: memory budgets read from "40%" (of the model's weight bytes), "3MB", "2GB",
+"512MiB" or bytes, and the one formatter of byte counts for people."""
 from __future__ import annotations
 
 import math
@@ -35,8 +36,10 @@ def parse_budget(spec, model_bytes: int) -> int | None:
 
 
 def fmt_bytes(n: float) -> str:
+    """Bytes in binary units: "512 B", "4 KiB", "1.5 MiB", "7.6 GiB" (whole multiples of
+    the unit without a decimal, so chunk sizes read as they are written)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            break
         n /= 1024
-    return f"{n:.1f} TiB"
+    return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.1f} {unit}"

@@ -9,16 +9,23 @@ Graph interface (what edgeinfer's executor and plain onnxruntime both run):
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 from edgeinfer.export import functions
 from edgeinfer.export.graph import GraphBuilder
 from onnx import TensorProto
 
+from edgeinfer.format.checksum import crc32_bytes
 from edgeinfer.format.config import ModelConfig
-
-FFN_FILE = "ffn.bin"   # FFN / expert weights: the part a memory budget streams
+from edgeinfer.format.constants import (
+    FFN_FILE,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    WEIGHTS_FILE,
+    past_name,
+    present_name,
+)
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -63,8 +70,8 @@ def dense_ffn(b: GraphBuilder, cfg: ModelConfig, w, i: int, x: str, prefix: str)
 
 def build_decoder(b: GraphBuilder, cfg: ModelConfig, w, ffn=dense_ffn, progress=None) -> None:
     opt = {"optional": True}
-    ids = b.input("input_ids", TensorProto.INT64, ["batch", "seq"])
-    pos = b.input("position_ids", TensorProto.INT64, ["batch", "seq"])
+    ids = b.input(INPUT_IDS, TensorProto.INT64, ["batch", "seq"])
+    pos = b.input(POSITION_IDS, TensorProto.INT64, ["batch", "seq"])
     head_bits = None if b.bits is None else 8   # embeddings and lm_head stay at 8 bits
     embed = w.get("embed")
     h, embed_tensors = b.embedding("embed", ids, embed, head_bits)
@@ -91,14 +98,14 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w, ffn=dense_ffn, progress=
         q = b.linear(f"{p}.attn.q", x, w.get("q", i), w.get("q.bias", i, **opt))
         k = b.linear(f"{p}.attn.k", x, w.get("k", i), w.get("k.bias", i, **opt))
         v = b.linear(f"{p}.attn.v", x, w.get("v", i), w.get("v.bias", i, **opt))
-        pk = b.input(f"past_key_values.{i}.key", TensorProto.FLOAT, ["batch", KVH, "past_seq", D])
-        pv = b.input(f"past_key_values.{i}.value", TensorProto.FLOAT, ["batch", KVH, "past_seq", D])
+        pk = b.input(past_name(i, "key"), TensorProto.FLOAT, ["batch", KVH, "past_seq", D])
+        pv = b.input(past_name(i, "value"), TensorProto.FLOAT, ["batch", KVH, "past_seq", D])
         att = b.node("Attention", [q, k, v, pk, pv, cos, sin],
-                     [f"{p}.attn.out", f"present.{i}.key", f"present.{i}.value"], name=f"{p}.attn",
+                     [f"{p}.attn.out", present_name(i, "key"), present_name(i, "value")], name=f"{p}.attn",
                      domain=functions.DOMAIN, num_heads=H, num_kv_heads=KVH, head_dim=D,
                      rotary_dim=cfg.rotary_dim, scale=scale)
         for kv in ("key", "value"):
-            b.output(f"present.{i}.{kv}", TensorProto.FLOAT, ["batch", KVH, "total_seq", D])
+            b.output(present_name(i, kv), TensorProto.FLOAT, ["batch", KVH, "total_seq", D])
         o = b.linear(f"{p}.attn.o", att[0], w.get("o", i), w.get("o.bias", i, **opt))
         h = b.node("Add", [h, o], f"{p}.attn_residual.out", name=f"{p}.attn_residual")
         x = b.norm(f"{p}.ffn_norm", h, cfg.norm, w.get("ffn_norm", i), w.get("ffn_norm.bias", i, **opt),
@@ -109,15 +116,15 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w, ffn=dense_ffn, progress=
             progress.update(1, f"layer {i}")
     x = b.norm("final_norm", h, cfg.norm, w.get("final_norm"), w.get("final_norm.bias", **opt), cfg.norm_eps)
     if cfg.tie_word_embeddings or w.name("lm_head") is None:
-        b.linear("lm_head", x, embed, None, bits=head_bits, tensors=embed_tensors, out="logits")
+        b.linear("lm_head", x, embed, None, bits=head_bits, tensors=embed_tensors, out=LOGITS)
     else:
-        b.linear("lm_head", x, w.get("lm_head"), None, bits=head_bits, out="logits")
+        b.linear("lm_head", x, w.get("lm_head"), None, bits=head_bits, out=LOGITS)
     b.outputs.insert(0, _logits_info(cfg))
 
 
 def _logits_info(cfg):
     from onnx import helper
-    return helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])
+    return helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])
 
 
 def bundled_ffn(b: GraphBuilder, cfg: ModelConfig, w, i: int, x: str, prefix: str) -> str:
@@ -137,8 +144,8 @@ def bundled_ffn(b: GraphBuilder, cfg: ModelConfig, w, i: int, x: str, prefix: st
     # One crc32 per neuron record (resident, not part of the graph): streamed reads are
     # checked record by record as they arrive.
     raw = records.view(np.uint8).reshape(layout.ffn, -1)
-    crcs = np.array([zlib.crc32(r) for r in raw], dtype=np.uint32)
-    b.writer.add_tensor(f"{prefix}.bundle.crc32", crcs, "weights.bin")
+    crcs = np.array([crc32_bytes(r) for r in raw], dtype=np.uint32)
+    b.writer.add_tensor(f"{prefix}.bundle.crc32", crcs, WEIGHTS_FILE)
     up_b, down_b = w.get("up.bias", i, optional=True), w.get("down.bias", i, optional=True)
     inputs = [x, bundle,
               b.weight(f"{prefix}.up_bias", up_b.astype(np.float32)) if up_b is not None else "",

@@ -15,9 +15,14 @@ from edgeinfer.export.writer import ModelFolderWriter
 
 from edgeinfer import __version__
 from edgeinfer.errors import CheckpointError, EdgeInferError
+from edgeinfer.format.constants import TOKENIZER_FILE
+from edgeinfer.format.quant import (
+    EXPERT_LOW_QUANTS,
+    QUANT_ALIASES,
+    QUANT_BITS,
+    WEIGHT_QUANTS,
+)
 from edgeinfer.progress import Progress
-
-QUANT_BITS = {"f16": None, "fp16": None, "float16": None, "int8": 8, "int4": 4}
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4", group_size: int = 32,
@@ -32,8 +37,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
     "int2"), nested in the high one where it can be (edgeinfer/moe/layout.py).
     """
     src = Path(src)
-    if quant not in QUANT_BITS:
-        raise EdgeInferError(f"unknown --quant {quant!r}; choose one of f16, int8, int4")
+    if QUANT_ALIASES.get(quant, quant) not in WEIGHT_QUANTS:
+        raise EdgeInferError(f"unknown --quant {quant!r}; choose one of {', '.join(WEIGHT_QUANTS)}")
     if group_size not in (16, 32, 64, 128, 256):
         raise EdgeInferError(f"--group-size must be 16, 32, 64, 128 or 256, not {group_size}")
     hf = read_hf_config(src)
@@ -41,11 +46,11 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
     arch = arch_module(cfg.family)
     if expert_low is not None:
         _check_expert_low(expert_low, quant, cfg)
-    tokenizer = src / "tokenizer.json"
+    tokenizer = src / TOKENIZER_FILE
     if not tokenizer.exists():
-        raise CheckpointError(f"{src} has no tokenizer.json (edgeinfer needs a Hugging Face fast tokenizer file)")
+        raise CheckpointError(f"{src} has no {TOKENIZER_FILE} (edgeinfer needs a Hugging Face fast tokenizer file)")
     ckpt = Checkpoint(src)
-    bits = QUANT_BITS[quant]
+    bits = _weight_bits(quant)
     for dim, what in ((cfg.hidden_size, "hidden_size"), (cfg.ffn_dim, "ffn_dim"),
                       (cfg.num_heads * cfg.head_dim, "num_heads*head_dim")):
         if bits is not None and dim % group_size:
@@ -59,7 +64,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
             ffn = partial(ffn, expert_low=expert_low) if ffn else (_bundled if bundle else _dense)
             build_decoder(b, cfg, weights, ffn=ffn, progress=bar)
         model = b.model(doc=f"{cfg.source_architecture} exported by edgeinfer {__version__}")
-        writer.copy_file(tokenizer, "tokenizer.json")
+        writer.copy_file(tokenizer, TOKENIZER_FILE)
         manifest = {
             "created_by": f"edgeinfer {__version__}",
             "source": {"folder": src.name, "architecture": cfg.source_architecture,
@@ -70,7 +75,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
                              "scheme": "symmetric, MatMulNBits layout" if bits else "float16",
                              "expert_low": expert_low, "relative_error": b.quant_report},
             "ffn_layout": "moe" if cfg.is_moe else "bundled" if bundle else "matmul",
-            "tokenizer": "tokenizer.json",
+            "tokenizer": TOKENIZER_FILE,
             "generation": _generation_defaults(src, cfg),
         }
         if predictors:
@@ -94,9 +99,14 @@ def _check_expert_low(low: str, quant: str, cfg) -> None:
     if not cfg.is_moe:
         raise EdgeInferError(f"--expert-low applies to mixture-of-experts models; {cfg.source_architecture} has "
                              "no experts")
-    bits = QUANT_BITS[quant] or 16
-    if low not in ("int4", "int2") or int(low[3:]) >= bits:
-        raise EdgeInferError(f"--expert-low {low} must be int4 or int2 and below --quant {quant}")
+    if low not in EXPERT_LOW_QUANTS or QUANT_BITS[low] >= QUANT_BITS[QUANT_ALIASES.get(quant, quant)]:
+        raise EdgeInferError(f"--expert-low {low} must be {' or '.join(EXPERT_LOW_QUANTS)} and below --quant {quant}")
+
+
+def _weight_bits(quant: str) -> int | None:
+    """Bits per quantized weight; None for float16 (the graph builder's convention)."""
+    bits = QUANT_BITS[QUANT_ALIASES.get(quant, quant)]
+    return None if bits == 16 else bits
 
 
 def _dense(b, cfg, w, i, x, prefix):

@@ -13,6 +13,8 @@ from edgeinfer.export.quantize import quantize, relative_error
 from edgeinfer.export.writer import ModelFolderWriter
 from onnx import TensorProto, helper
 
+from edgeinfer.format.constants import WEIGHTS_FILE
+
 IR_VERSION = 10  # onnxruntime 1.18+ loads it; onnx 1.23 would write 14 by default
 MS_DOMAIN = "com.microsoft"
 
@@ -30,7 +32,7 @@ class GraphBuilder:
         self.quant_report: dict[str, float] = {}
 
     # -- primitives ---------------------------------------------------------------------
-    def weight(self, name: str, array: np.ndarray, file: str = "weights.bin") -> str:
+    def weight(self, name: str, array: np.ndarray, file: str = WEIGHTS_FILE) -> str:
         self.initializers.append(self.writer.add_tensor(name, array, file))
         return name
 
@@ -56,7 +58,7 @@ class GraphBuilder:
                 self.weight(f"{name}.scales", scales.reshape(-1), file))
 
     def linear(self, name: str, x: str, w: np.ndarray, bias: np.ndarray | None = None, *,
-               file: str = "weights.bin", bits: int | None = -1, tensors: tuple[str, ...] | None = None,
+               file: str = WEIGHTS_FILE, bits: int | None = -1, tensors: tuple[str, ...] | None = None,
                out: str | None = None) -> str:
         """y = x @ w.T (+ bias); w is [N, K] as nn.Linear stores it.
 
@@ -86,7 +88,7 @@ class GraphBuilder:
             g = self.node("Gather", [w, ids], f"{name}.f16", name=name, axis=0)
             self.node("Cast", [g], y, name=f"{name}.cast", to=TensorProto.FLOAT)
             return y, (w,)
-        qw, sc = self.quantized(name, table, bits, "weights.bin")
+        qw, sc = self.quantized(name, table, bits, WEIGHTS_FILE)
         k = table.shape[1]
         self.function(f"GatherNBits{bits}", lambda: functions.gather_nbits(bits, self.group_size, k))
         self.node("GatherNBits", [qw, sc, ids], y, name=name, domain=functions.DOMAIN,

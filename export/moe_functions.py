@@ -17,17 +17,15 @@ runtime decision (edgeinfer/moe/streaming.py).
 """
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 from edgeinfer.export.functions import DOMAIN, _Body
 from onnx import FunctionProto, TensorProto, helper
 
 from edgeinfer.errors import UnsupportedModelError
+from edgeinfer.format.checksum import crc32_bytes
+from edgeinfer.format.constants import EXPERTS_FILE, WEIGHTS_FILE
 from edgeinfer.format.experts import STAGES, ExpertLayout, RecordFormat, encode
-
-EXPERTS_FILE = "experts.bin"
-QUANT_NAME = {None: "f16", 8: "int8", 4: "int4"}
+from edgeinfer.format.quant import QUANT_NAMES
 
 
 def moe_layer(b, cfg, experts, router: np.ndarray, x: str, prefix: str, layer: int, *,
@@ -37,22 +35,22 @@ def moe_layer(b, cfg, experts, router: np.ndarray, x: str, prefix: str, layer: i
     experts: iterable of (gate [F, d], up [F, d], down [d, F]) per expert, read lazily;
     shared: (gate, up, down) of the shared expert or None.
     """
-    from edgeinfer.export.quantize import dequantize, quantize
+    from edgeinfer.export.quantize import quantize
 
     if cfg.activation != "silu":
         raise UnsupportedModelError(f"MoE experts with {cfg.activation} are not supported (silu only)")
-    quant = QUANT_NAME[b.bits]
+    quant = QUANT_NAMES[b.bits or 16]
     layout = ExpertLayout.for_export(cfg.hidden_size, cfg.ffn_dim, cfg.num_experts, b.group_size, quant,
                                      expert_low)
     high, low = layout.high, (layout.low if layout.low_bits and not layout.low_nested else None)
     rows, low_rows, err = [], [], _ErrorSum(len(high.stages))
     for mats in experts:
         mats = [np.asarray(m, np.float32) for m in mats]
-        rec, levels = encode(high, mats, quantize, dequantize)
+        rec, levels = encode(high, mats, quantize)
         rows.append(rec)
         err.add(mats, levels)
         if low is not None:
-            lrec, llevels = encode(low, mats, quantize, dequantize)
+            lrec, llevels = encode(low, mats, quantize)
             low_rows.append(lrec)
             err.add_low(mats, llevels[-1])
     if len(rows) != cfg.num_experts:
@@ -63,16 +61,16 @@ def moe_layer(b, cfg, experts, router: np.ndarray, x: str, prefix: str, layer: i
               b.weight(f"{prefix}.experts_low", _stack(low_rows, low), EXPERTS_FILE) if low is not None else ""]
     # One crc32 per (expert, stage) (resident, not in the graph): each streamed read is
     # checked as it arrives, whichever stages it covers (a low prefix, a whole record, the rest).
-    b.writer.add_tensor(f"{prefix}.experts.crc32", stage_crcs(rows, high), "weights.bin")
+    b.writer.add_tensor(f"{prefix}.experts.crc32", stage_crcs(rows, high), WEIGHTS_FILE)
     if low is not None:
-        b.writer.add_tensor(f"{prefix}.experts_low.crc32", stage_crcs(low_rows, low), "weights.bin")
+        b.writer.add_tensor(f"{prefix}.experts_low.crc32", stage_crcs(low_rows, low), WEIGHTS_FILE)
     attrs = dict(layout.to_attrs(), layer=layer, top_k=cfg.experts_per_token, norm_topk=int(cfg.norm_topk_prob),
                  activation="silu", shared_ffn=0)
     shared_fmt = None
     if shared is not None:
         shared_fmt = RecordFormat(cfg.hidden_size, cfg.shared_expert_ffn_dim, STAGES[(quant, None)], b.group_size)
         mats = [np.asarray(m, np.float32) for m in shared]
-        rec, _ = encode(shared_fmt, mats, quantize, dequantize)
+        rec, _ = encode(shared_fmt, mats, quantize)
         inputs += [b.weight(f"{prefix}.shared", _stack([rec], shared_fmt)),
                    b.weight(f"{prefix}.shared_gate", np.asarray(shared_gate, np.float32).reshape(1, -1))]
         attrs.update(shared_ffn=shared_fmt.ffn, shared_stages=list(shared_fmt.stages))
@@ -83,7 +81,7 @@ def moe_layer(b, cfg, experts, router: np.ndarray, x: str, prefix: str, layer: i
 def stage_crcs(rows: list[np.ndarray], fmt: RecordFormat) -> np.ndarray:
     """crc32 of each stage part of each record: uint32 [E, stages]."""
     bounds = fmt.stage_offsets() + [fmt.record_bytes]
-    return np.array([[zlib.crc32(r[a:z]) for a, z in zip(bounds[:-1], bounds[1:])] for r in rows], np.uint32)
+    return np.array([[crc32_bytes(r[a:z]) for a, z in zip(bounds[:-1], bounds[1:])] for r in rows], np.uint32)
 
 
 def _stack(rows: list[np.ndarray], fmt: RecordFormat) -> np.ndarray:

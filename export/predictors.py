@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeinfer.errors import UnsupportedModelError
+from edgeinfer.format.constants import TOKENIZER_FILE
 
 CALIBRATION_TEXT = Path(__file__).with_name("calibration.txt")
 MIN_STEPS = 300   # optimizer steps per predictor, whatever the amount of calibration text
@@ -69,7 +70,7 @@ def train_predictors(folder: Path, builder, *, rank: int = 64, recall: float = 0
     from edgeinfer.format.bundle import BundleLayout, decode
     from edgeinfer.runtime.tokenizer import Tokenizer
 
-    tok = Tokenizer(folder / "tokenizer.json")
+    tok = Tokenizer(folder / TOKENIZER_FILE)
     ids = tok.encode(CALIBRATION_TEXT.read_text())[:tokens]
     inputs, (nodes, const) = _capture_ffn_inputs(folder, ids, window, progress)
     torch.manual_seed(seed)

@@ -1,25 +1,13 @@
-"""Group-wise symmetric quantization in onnxruntime's MatMulNBits layout.
-
-A weight W of shape [N, K] (output rows, input columns, as Hugging Face stores
-nn.Linear) is split along K into blocks of `block_size`. Each block has one
-float32 scale (chosen per block to minimise squared error, and possibly
-negative); a value is stored as q = round(w / scale) + 2**(bits-1), the
-default zero point MatMulNBits assumes when no zero_points input is given.
-
-Packed layout: uint8 [N, K // block_size, block_size * bits // 8].
-  bits=8: one byte per value.
-  bits=4: two values per byte, element 2j in the low nibble, 2j+1 in the high.
-  bits=2: four values per byte, element 4j in bits 0-1, ... 4j+3 in bits 6-7
-          (used for low-precision expert copies; not a MatMulNBits width).
-Scales: float32 [N, K // block_size] (MatMulNBits wants them flattened).
+"""The exporter's group-wise symmetric quantizer: chooses each block's scale and writes
+the codes in the MatMulNBits layout (edgeinfer/format/quant.py describes the layout and
+holds the reference pack, unpack and dequantize).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from edgeinfer.errors import InvalidArgumentError
-
-SUPPORTED_BITS = (2, 4, 8)
+from edgeinfer.format.quant import SUPPORTED_BITS, dequantize, pack, zero_point
 
 
 def quantize(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,39 +40,8 @@ def quantize(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.
         better = err < best_err
         best_err[better] = err[better]
         scales[better] = s[better]
-    q = np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax).astype(np.int16) + 2 ** (bits - 1)
+    q = np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax).astype(np.int16) + zero_point(bits)
     return pack(q.astype(np.uint8), bits), scales
-
-
-def pack(q: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes [..., block] (values < 2**bits) into bytes along the last axis."""
-    if bits == 8:
-        return np.ascontiguousarray(q, dtype=np.uint8)
-    per = 8 // bits
-    q = q.astype(np.uint8)
-    out = np.zeros(q.shape[:-1] + (q.shape[-1] // per,), dtype=np.uint8)
-    for j in range(per):
-        out |= q[..., j::per] << (bits * j)
-    return out
-
-
-def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    """Inverse of pack: bytes [..., blob] -> unsigned codes [..., blob * 8 // bits]."""
-    if bits == 8:
-        return packed.astype(np.uint8)
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * per,), dtype=np.uint8)
-    for j in range(per):
-        out[..., j::per] = (packed >> (bits * j)) & mask
-    return out
-
-
-def dequantize(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
-    """Reference dequantization -> float32 [N, K]. The kernels are tested against this."""
-    n, nb, _ = packed.shape
-    q = unpack(packed, bits).astype(np.float32) - 2 ** (bits - 1)
-    return (q * scales.reshape(n, nb, 1)).reshape(n, -1)
 
 
 def relative_error(w: np.ndarray, packed: np.ndarray, scales: np.ndarray, bits: int) -> float:

@@ -10,20 +10,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import zlib
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from edgeinfer.errors import EdgeInferError, InternalError
-from edgeinfer.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+from edgeinfer.format.checksum import crc32_bytes, crc32_file
+from edgeinfer.format.constants import ALIGN, GRAPH_FILE, MANIFEST, find_multiple
+from edgeinfer.format.manifest import FORMAT_NAME, FORMAT_VERSION
 
-ALIGN = 4096  # every tensor starts on a 4 KiB boundary: O_DIRECT and mmap friendly
 
-
-class WeightFile:
-    """Appends tensors to one .bin file, each 4 KiB-aligned, with a crc32 per tensor."""
+class WeightFileWriter:
+    """Appends tensors to one .bin file, each ALIGN-aligned, with a crc32 per tensor
+    (edgeinfer.io.WeightFile is the runtime's reader of such a file)."""
 
     def __init__(self, folder: Path, name: str):
         self.name = name
@@ -33,17 +33,17 @@ class WeightFile:
         self.crc = 0
 
     def append(self, data: np.ndarray) -> tuple[int, int, int]:
-        pad = (-self.size) % ALIGN
+        pad = find_multiple(self.size, ALIGN) - self.size
         if pad:
             self._write(b"\0" * pad)
         offset = self.size
         buf = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
         self._write(buf)
-        return offset, buf.nbytes, zlib.crc32(buf)
+        return offset, buf.nbytes, crc32_bytes(buf)
 
     def _write(self, b) -> None:
         self._f.write(b)
-        self.crc = zlib.crc32(b, self.crc)
+        self.crc = crc32_bytes(b, self.crc)
         self.size += len(b) if isinstance(b, bytes) else b.nbytes
 
     def flush(self) -> None:
@@ -70,14 +70,14 @@ class ModelFolderWriter:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
         self.force = force
-        self.files: dict[str, WeightFile] = {}
+        self.files: dict[str, WeightFileWriter] = {}
         self.tensors: dict[str, dict] = {}
 
     def add_tensor(self, name: str, array: np.ndarray, file: str) -> onnx.TensorProto:
         """Store `array` in weight file `file` and return the ONNX initializer that points at it."""
         if name in self.tensors:
             raise InternalError(f"tensor {name} written twice: a bug in the exporter; please report it")
-        wf = self.files.get(file) or self.files.setdefault(file, WeightFile(self.tmp, file))
+        wf = self.files.get(file) or self.files.setdefault(file, WeightFileWriter(self.tmp, file))
         offset, nbytes, crc = wf.append(array)
         self.tensors[name] = {"file": file, "offset": offset, "nbytes": nbytes, "dtype": array.dtype.name,
                               "shape": list(array.shape), "crc32": crc}
@@ -99,7 +99,7 @@ class ModelFolderWriter:
         loaded (the exporter runs it to train predictors); tensors may still be appended."""
         for wf in self.files.values():
             wf.flush()
-        onnx_path = self.tmp / "model.onnx"
+        onnx_path = self.tmp / GRAPH_FILE
         onnx_path.write_bytes(model.SerializeToString())
         onnx.checker.check_model(str(onnx_path), full_check=True)
         files = []
@@ -107,10 +107,10 @@ class ModelFolderWriter:
             if p.name == MANIFEST:
                 continue
             wf = self.files.get(p.name)
-            crc = wf.crc if wf is not None else _crc32_path(p)
+            crc = wf.crc if wf is not None else crc32_file(p)
             files.append({"path": p.name, "size": p.stat().st_size, "crc32": crc})
         manifest = dict(manifest, format=FORMAT_NAME, format_version=FORMAT_VERSION,
-                        graph="model.onnx", files=files, tensors=self.tensors)
+                        graph=GRAPH_FILE, files=files, tensors=self.tensors)
         with open(self.tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -139,10 +139,3 @@ class ModelFolderWriter:
                 pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-
-def _crc32_path(path: Path, chunk: int = 1 << 22) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
-    return crc

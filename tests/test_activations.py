@@ -12,9 +12,8 @@ from conftest import DENSE
 
 import edgeinfer
 from edgeinfer.bench.perplexity import perplexity
-from edgeinfer.errors import EdgeInferError
+from edgeinfer.errors import ActivationsWarning, EdgeInferError
 from edgeinfer.kernels import _simd
-from edgeinfer.errors import ActivationsWarning
 from edgeinfer.runtime.options import RuntimeOptions
 
 PROMPTS = ["Once upon a time", "In the beginning of the war, the king said that"]
@@ -34,7 +33,7 @@ def _load(folder, **kw):
 
 
 def _nbits_fns(model):
-    return [fn for fn, _, _ in model.executor.plan if hasattr(fn, "int8_activations")]
+    return [fn for fn, _, _ in model.executor.steps if hasattr(fn, "int8_activations")]
 
 
 def _greedy(model, ids, n=GREEDY_TOKENS):

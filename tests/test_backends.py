@@ -14,12 +14,12 @@ from edgeinfer.errors import ConstantFoldingWarning, EdgeInferError, ProviderWar
 from edgeinfer.runtime.executor import ort_backend
 from edgeinfer.runtime.executor.partition import NUMBA, ORT
 from edgeinfer.runtime.executor.providers import CPU
+from edgeinfer.runtime.options import BACKENDS
 
 ort = pytest.importorskip("onnxruntime")
 
 MOE = "mixtral-8x-16m"
 ARCHS = DENSE + (MOE,)
-BACKENDS = ("numba", "ort", "hybrid")
 PROMPTS = ["Once upon a time", "In the beginning of the war, the king said that"]
 GREEDY_TOKENS = 16
 # Same weights and the same float math, different kernels and summation order

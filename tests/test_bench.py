@@ -8,9 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgeinfer.cli import main
+from edgeinfer.errors import EdgeInferError
 from edgeinfer.runtime.loader import DEMO_MODEL
 
 
@@ -261,6 +263,27 @@ def test_synthetic_checkpoint_statistics(tmp_path, shape):
             # consecutive tokens share active neurons well beyond chance (= the active fraction)
             assert st["reuse_previous_token"] > (1 - st["zero_fraction"]) + 0.15
             assert st["new_per_token_window5"] < 0.5 * (1 - st["zero_fraction"])
+
+
+def test_synthetic_moe_checkpoint_takes_shape_overrides_and_expert_usage(tmp_path):
+    """benchmarks/moe.py's checkpoint: shapes given on the command line, routers fitted to
+    a trained model's per-layer expert usage instead of a Zipf law."""
+    from edgeinfer.export.config import model_config, read_hf_config
+
+    from edgeinfer.bench.synthetic import write_checkpoint
+    usage = [[0.55, 0.15, 0.15, 0.15], [0.1, 0.1, 0.1, 0.7]]
+    info = write_checkpoint(tmp_path / "ckpt", "tiny-moe", layers=2, hidden=128, ffn=256, experts=4,
+                            expert_usage=usage, tokens=128, progress=False)
+    mc = model_config(read_hf_config(tmp_path / "ckpt"))
+    assert (mc.hidden_size, mc.ffn_dim, mc.num_experts, mc.experts_per_token) == (128, 256, 4, 2)
+    for want, st in zip(usage, info["stats"]["layers"]):
+        got = st["expert_usage"]
+        assert int(np.argmax(got)) == int(np.argmax(want))     # the favoured expert is the one asked for
+    with pytest.raises(EdgeInferError, match="expert_usage needs a MoE shape and at least 4 fractions"):
+        write_checkpoint(tmp_path / "bad", "tiny-moe", layers=1, experts=4, expert_usage=[[0.5, 0.5]],
+                         progress=False)
+    with pytest.raises(EdgeInferError, match="hidden 100 is not a multiple"):
+        write_checkpoint(tmp_path / "bad", "tiny-moe", layers=1, hidden=100, progress=False)
 
 
 @pytest.mark.slow

@@ -88,7 +88,11 @@ def test_one_warning_family():
 
 def test_provider_aliases():
     pytest.importorskip("onnxruntime")
-    from edgeinfer.runtime.executor.providers import CPU, expand_alias, resolve_providers
+    from edgeinfer.runtime.executor.providers import (
+        CPU,
+        expand_alias,
+        resolve_providers,
+    )
     assert expand_alias("cuda") == "CUDAExecutionProvider" and expand_alias("tensorrt") == "TensorrtExecutionProvider"
     assert expand_alias(("cuda", {"device_id": 1})) == ("CUDAExecutionProvider", {"device_id": 1})
     assert resolve_providers("cpu") == resolve_providers(["CPUExecutionProvider"]) == [CPU]

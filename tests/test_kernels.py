@@ -14,8 +14,9 @@ import zlib
 import numba
 import numpy as np
 import pytest
-from edgeinfer.export.quantize import dequantize, quantize
+from edgeinfer.export.quantize import quantize
 
+from edgeinfer.format.quant import dequantize
 from edgeinfer.kernels import (
     apply_rotary,
     attention,
@@ -184,6 +185,16 @@ def test_gather(bits, bs):
                                   dequantize(packed, scales, bits)[ids2])
     with pytest.raises(IndexError):
         gather_nbits(packed, scales, [50], bits, bs)
+
+
+@pytest.mark.parametrize("bits,bs", [(4, 32), (8, 64), (2, 128), (2, 32)])
+def test_dequantize_nbits_matches_the_reference(bits, bs):
+    """The compiled dequantizer (long-prompt BLAS path) is the reference, bit for bit."""
+    from edgeinfer.kernels.quant import dequantize_nbits
+
+    packed, scales = random_quantized(rng_for("deq", bits, bs), 37, 256, bits, bs)
+    np.testing.assert_array_equal(dequantize_nbits(packed, scales, bits), dequantize(packed, scales, bits))
+    assert dequantize_nbits(packed[:0], scales[:0], bits).shape == (0, 256)
 
 
 def test_quant_validation():

@@ -132,12 +132,14 @@ def test_experts_file_holds_only_expert_records(mixtral_mixed):
 
 @pytest.mark.parametrize("quant,low", [("int8", "int4"), ("int8", "int2"), ("int4", "int2"), ("f16", "int4")])
 def test_nested_records_decode_to_each_precision(quant, low):
-    from edgeinfer.export.quantize import dequantize, quantize
+    from edgeinfer.export.quantize import quantize
+
+    from edgeinfer.format.quant import dequantize
 
     rng = np.random.default_rng(0)
     mats = [rng.standard_normal(s).astype(np.float32) for s in ((64, 32), (64, 32), (32, 64))]
     layout = ExpertLayout.for_export(32, 64, 4, 32, quant, low)
-    rec, levels = encode(layout.high, mats, quantize, dequantize)
+    rec, levels = encode(layout.high, mats, quantize)
     assert rec.nbytes == layout.high_bytes
     for got, want in zip(decode(layout.high, rec), levels[-1]):
         np.testing.assert_allclose(got, want, atol=1e-6)
@@ -167,13 +169,13 @@ def test_fused_expert_kernels_match_numpy(quant, low, group, monkeypatch):
     float64 numpy, high and (nested) low precision, added with its routing weight.
     Tolerance: max |y - y_ref| <= 1e-5 max |y_ref| (observed 4e-7 on the benchmark's experts);
     dropping the residual stage errs by ~6e-2 (checked below: the bound can fail)."""
-    from edgeinfer.export.quantize import dequantize, quantize
+    from edgeinfer.export.quantize import quantize
 
     rng = np.random.default_rng(group)
     d, f = 256, 384
     layout = ExpertLayout.for_export(d, f, 1, group, quant, low)
     mats = [rng.standard_normal(s).astype(np.float32) / np.sqrt(s[1]) for s in ((f, d), (f, d), (d, f))]
-    rec, _ = encode(layout.high, mats, quantize, dequantize)
+    rec, _ = encode(layout.high, mats, quantize)
     fused = []
     monkeypatch.setattr(moe_kernels, "_expert_1", lambda *a, _f=moe_kernels._expert_1: fused.append(1) or _f(*a))
     for fmt in [layout.high] + ([layout.low] if layout.low_nested else []):
@@ -199,12 +201,12 @@ def test_fused_expert_kernels_agree_with_the_stage_by_stage_path():
     """The fused one-token path and matmul_nbits stage by stage (several tokens) give the
     same expert to float32 rounding, whatever the thread count."""
     import numba
-    from edgeinfer.export.quantize import dequantize, quantize
+    from edgeinfer.export.quantize import quantize
 
     rng = np.random.default_rng(1)
     layout = MIXED_LAYOUT
     mats = [rng.standard_normal(s).astype(np.float32) / np.sqrt(s[1]) for s in layout.high.shapes()]
-    rec, _ = encode(layout.high, mats, quantize, dequantize)
+    rec, _ = encode(layout.high, mats, quantize)
     x = rng.standard_normal((2, layout.hidden), dtype=np.float32)
     w = np.array([0.25, 0.5], np.float32)
     both = np.zeros_like(x)

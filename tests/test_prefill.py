@@ -1,4 +1,4 @@
-"""Prefill routing (executor/ops.py): the fused kernels below kernels.dequant.PREFILL_ROWS
+"""Prefill routing (executor/ops.py): the fused kernels below kernels.dequant.BLAS_MATMUL_MIN_ROWS
 rows, chunked dequantization + numpy BLAS from there on (float32 activations); both
 give the same numbers up to summation order."""
 from __future__ import annotations
@@ -43,8 +43,8 @@ def test_long_prompts_take_blas_with_the_same_logits(quant, exported, monkeypatc
     ids = model.tokenizer.encode(PROMPT)
     calls = _calls(monkeypatch)
     fused = model.logits(ids)
-    assert len(ids) < dequant.PREFILL_ROWS and not calls
-    monkeypatch.setattr(dequant, "PREFILL_ROWS", 8)
+    assert len(ids) < dequant.BLAS_MATMUL_MIN_ROWS and not calls
+    monkeypatch.setattr(dequant, "BLAS_MATMUL_MIN_ROWS", 8)
     blas = model.logits(ids)
     assert ("prefill_matmul" if quant == "int4" else "prefill_matmul_f16") in calls
     assert np.abs(blas - fused).max() < FLOAT_ATOL
@@ -55,7 +55,7 @@ def test_int8_activations_stay_fused_on_long_prompts(exported, monkeypatch):
     if not HAS_VNNI:
         pytest.skip("no AVX512-VNNI: int8 activations fall back to float32 here")
     model = edgeinfer.load(exported("llama-relu-8m", "int4"), threads=1, activations="int8")
-    monkeypatch.setattr(dequant, "PREFILL_ROWS", 8)
+    monkeypatch.setattr(dequant, "BLAS_MATMUL_MIN_ROWS", 8)
     calls = _calls(monkeypatch)
     model.logits(model.tokenizer.encode(PROMPT))
     assert not calls

@@ -54,7 +54,7 @@ def _windows_hold_true_records(model) -> bool:
     """Every neuron a window says it holds has its exact record from ffn.bin in its slot."""
     (f,) = _ffn_files(model)
     checked = 0
-    for step in model.executor.plan:
+    for step in model.executor.steps:
         w = getattr(step[0], "window", None)
         if w is None:
             continue

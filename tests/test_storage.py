@@ -63,7 +63,7 @@ def test_read_batch_returns_exact_bytes(weights, direct, native):
     rng = np.random.default_rng(1)
     with WeightFile(path, direct=direct, native=native, threads=3) as wf:
         if direct and LINUX:
-            assert wf.mode == "direct"
+            assert wf.read_mode == "direct"
         assert wf.native is native
         for _ in range(25):
             reqs = random_requests(rng, int(rng.integers(1, 300)), SIZE)
@@ -241,7 +241,7 @@ def test_adjacent_requests_coalesce_into_one_read(weights, direct, native):
         batch = wf.read_batch([(base + 2000, 1000), (base, 1000), (base + 1000, 1000)])
         assert wf.stats.requests == 3 and wf.stats.read_calls == 1
         assert wf.stats.bytes_requested == 3000
-        assert wf.stats.bytes_read == (ALIGN if wf.mode == "direct" else 3000)
+        assert wf.stats.bytes_read == (ALIGN if wf.read_mode == "direct" else 3000)
         np.testing.assert_array_equal(batch[1], data[base:base + 1000])
         np.testing.assert_array_equal(batch.data, data[[*range(base + 2000, base + 3000),
                                                         *range(base, base + 2000)]])
@@ -314,7 +314,7 @@ def test_eio_after_retries_raises_storage_error_naming_file_and_offset(weights):
     with WeightFile(path, faults=faults, retries=2) as wf:
         with pytest.raises(StorageError, match=rf"4096 bytes at offset 8192 of {path}:"):
             wf.read_batch([(100, 50), (9000, 10)])
-        assert wf.mode != "direct" or wf.stats.retries == 2
+        assert wf.read_mode != "direct" or wf.stats.retries == 2
 
 
 def test_truncated_file_raises_storage_error(weights, tmp_path):
@@ -357,7 +357,7 @@ def test_buffered_fallback_warns_once_with_reason(weights, monkeypatch):
     with pytest.warns(BufferedFallbackWarning, match="refuses O_DIRECT") as record:
         wf = WeightFile(path)
     assert len(record) == 1 and str(path) in str(record[0].message)
-    assert wf.mode == "buffered" and "EINVAL" in wf.fallback_reason
+    assert wf.read_mode == "buffered" and "EINVAL" in wf.fallback_reason
     np.testing.assert_array_equal(wf.read(12345, 678), data[12345:13023])
     wf.close()
     with warnings.catch_warnings():

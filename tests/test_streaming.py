@@ -137,7 +137,7 @@ def test_window_buffers_stay_within_budget(exported):
     folder = exported("llama-relu-8m", "int8", predictors=True)
     budget = ffn_budget(folder, 0.4)
     model = edgeinfer.load(folder, memory_budget=budget)
-    windows = [fn.window for fn, _, _ in model.executor.plan if hasattr(fn, "window")]
+    windows = [fn.window for fn, _, _ in model.executor.steps if hasattr(fn, "window")]
     assert len(windows) == model.config.num_layers
     assert model.resident_bytes + sum(w.nbytes for w in windows) <= budget
 

@@ -278,8 +278,7 @@ def _budget(spec) -> str:
 
 def _flash_summary(dev: dict) -> str:
     table = {int(k): v for k, v in dev["flash_gbps"].items()}
-    parts = [f"{v:.2f} GB/s @ {k >> 10} KiB" if k < 1 << 20 else f"{v:.2f} GB/s @ {k >> 20} MiB"
-             for k, v in sorted(table.items()) if k in (4096, 1 << 20)]
+    parts = [f"{v:.2f} GB/s @ {fmt_bytes(k)}" for k, v in sorted(table.items()) if k in (4096, 1 << 20)]
     return ", ".join(parts) or "?"
 
 

@@ -14,7 +14,8 @@ here are built so that (measured and printed, see `ActivationStats`):
   residual stream, so hidden states are correlated in time (LLM in a flash §3.3);
 - what a layer reads lives mostly in a few hundred "semantic" directions with a
   decaying spectrum, so a rank-64 predictor is useful but not perfect;
-- MoE routers prefer some experts (usage drawn from a Zipf law per layer).
+- MoE routers prefer some experts (usage drawn from a Zipf law per layer, or fitted to
+  a given per-layer usage, e.g. a trained model's).
 Everything is labelled synthetic: config.json (`edgeinfer_synthetic`), the
 manifest's source, bench's title and JSON. Generated models go to /tmp or out/.
 """
@@ -31,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeinfer.errors import EdgeInferError, UnsupportedModelError
+from edgeinfer.format.constants import MANIFEST, TOKENIZER_FILE
+from edgeinfer.units import fmt_bytes
 
 DEMO_TOKENIZER = Path(__file__).resolve().parent.parent / "demo" / "tokenizer.json"   # = the llama-relu-8m fixture's
 VOCAB = 8192
@@ -211,11 +214,16 @@ class _Builder:
         down *= scale
         return {"gate": gate, "up": up, "down": down}, out * scale, act != 0
 
-    def moe(self, x: np.ndarray, calib: slice, h_rms: float) -> tuple[dict, np.ndarray, np.ndarray]:
-        """Mixtral block: router with skewed (Zipf) expert usage, SiLU experts."""
+    def moe(self, x: np.ndarray, calib: slice, h_rms: float,
+            target_usage: list[float] | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Mixtral block: router with skewed expert usage (`target_usage`, else Zipf), SiLU experts."""
         d, F, E, K = self.s.hidden, self.s.ffn, self.s.experts, self.s.top_k
-        target = 1.0 / np.arange(1, E + 1) ** 1.1
-        target = self.rng.permutation(target / target.sum())
+        if target_usage is None:
+            target = 1.0 / np.arange(1, E + 1) ** 1.1
+            target = self.rng.permutation(target / target.sum())
+        else:
+            target = np.asarray(target_usage, np.float64) + 0.01      # every expert used a little
+            target /= target.sum()
         router = self.randn(E, self.r, scale=1 / np.sqrt(self.r)) @ self.P
         dc = x @ self.u
         bias = np.zeros(E, np.float32)
@@ -266,16 +274,28 @@ def _text_ids(n: int, offset_fraction: float) -> list[int]:
 
 
 def write_checkpoint(folder: str | os.PathLike, shape: str = "7b-like", *, layers: int = 2, ffn: int | None = None,
-                     seed: int = 0, tokens: int = 256, force: bool = False, progress: bool = True) -> dict:
-    """Write the synthetic checkpoint to `folder`; returns the measured statistics."""
+                     hidden: int | None = None, experts: int | None = None,
+                     expert_usage: list[list[float]] | None = None, seed: int = 0, tokens: int = 256,
+                     force: bool = False, progress: bool = True) -> dict:
+    """Write the synthetic checkpoint to `folder`; returns the measured statistics.
+
+    ffn, hidden, experts override the shape's; expert_usage (MoE shapes): the fraction of
+    tokens routed to each expert, one list per layer (reused cyclically over the layers),
+    that the routers are fitted to instead of a Zipf law."""
     from safetensors.numpy import save_file
     if shape not in SHAPES:
         raise EdgeInferError(f"unknown synthetic shape {shape!r}; choose one of {', '.join(SHAPES)}")
     if layers < 1:
         raise EdgeInferError("--layers must be at least 1")
-    sh = SHAPES[shape]
-    if ffn is not None:
-        sh = Shape(**{**asdict(sh), "ffn": int(ffn)})
+    overrides = {k: int(v) for k, v in (("ffn", ffn), ("hidden", hidden), ("experts", experts)) if v is not None}
+    sh = Shape(**{**asdict(SHAPES[shape]), **overrides})
+    if sh.hidden % (2 * sh.heads):
+        raise EdgeInferError(f"hidden {sh.hidden} is not a multiple of 2 x the {shape} shape's {sh.heads} heads "
+                             "(rotary embeddings need an even head size)")
+    if sh.experts and sh.top_k > sh.experts:
+        raise EdgeInferError(f"{sh.experts} experts are fewer than the {shape} shape's top-{sh.top_k} routing")
+    if expert_usage is not None and (not sh.experts or any(len(u) < sh.experts for u in expert_usage)):
+        raise EdgeInferError(f"expert_usage needs a MoE shape and at least {sh.experts} fractions per layer")
     folder = Path(folder)
     if folder.exists():
         if not force:
@@ -319,7 +339,8 @@ def write_checkpoint(folder: str | os.PathLike, shape: str = "7b-like", *, layer
                    p + "self_attn.q_proj.weight": aw["q"], p + "self_attn.k_proj.weight": aw["k"],
                    p + "self_attn.v_proj.weight": aw["v"], p + "self_attn.o_proj.weight": aw["o"]}
         if sh.experts:
-            mw, out, top = b.moe(x, calib, h_rms)
+            target = None if expert_usage is None else expert_usage[i % len(expert_usage)][:sh.experts]
+            mw, out, top = b.moe(x, calib, h_rms, target)
             tensors[p + "block_sparse_moe.gate.weight"] = mw["router"]
             for e, ex in enumerate(mw["experts"]):
                 for k, v in ex.items():
@@ -347,7 +368,7 @@ def write_checkpoint(folder: str | os.PathLike, shape: str = "7b-like", *, layer
     (tmp / "config.json").write_text(json.dumps(_hf_config(sh, layers) | {"edgeinfer_synthetic": info}, indent=1))
     (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 0,
                                                             "pad_token_id": 1}, indent=1))
-    shutil.copyfile(DEMO_TOKENIZER, tmp / "tokenizer.json")
+    shutil.copyfile(DEMO_TOKENIZER, tmp / TOKENIZER_FILE)
     (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
                                                            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                                                            "pad_token": "<|pad|>"}, indent=1))
@@ -379,7 +400,7 @@ def _hf_config(sh: Shape, layers: int) -> dict:
 def label_manifest(model_dir: Path, info: dict) -> None:
     """Mark the exported folder's manifest source as synthetic (atomic rewrite;
     manifest.json is not in its own checksummed file table)."""
-    path = Path(model_dir) / "manifest.json"
+    path = Path(model_dir) / MANIFEST
     m = json.loads(path.read_text())
     m.setdefault("source", {})["synthetic"] = info
     tmp = path.with_suffix(".json.partial-tmp")
@@ -409,11 +430,11 @@ def make_synthetic(out: str | os.PathLike, *, shape: str = "7b-like", layers: in
         raise UnsupportedModelError(f"{exc}; the synthetic checkpoint is at {ckpt} (export it once the exporter "
                                     "supports it)") from None
     label_manifest(out, info)
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / MANIFEST).read_text())
     for st in m.get("predictors") or []:
         _say(progress, f"{st['layer']}: exported model true_active {st['true_active']}, predictor selects "
                        f"{st['predicted_active']} (recall {st['recall']}, precision {st['precision']})")
-    files = ", ".join(f"{f['path']} {f['size'] / 2**20:.0f} MiB" for f in m["files"] if f["path"].endswith(".bin"))
+    files = ", ".join(f"{f['path']} {fmt_bytes(f['size'])}" for f in m["files"] if f["path"].endswith(".bin"))
     _say(progress, f"model written: {out} ({files})")
     print(json.dumps(info["stats"], indent=1))
     return info

@@ -103,7 +103,7 @@ class Session:
         m = self.model
         plan = m.plan
         buffers = window_neurons = 0
-        for step in m.executor.plan:
+        for step in m.executor.steps:
             fn = step[0]
             window_neurons += getattr(getattr(fn, "window", None), "capacity", 0)
             for attr in ("window", "cache"):          # neuron window (dense), expert cache (MoE)
@@ -116,8 +116,8 @@ class Session:
             for key, f in plan.context.files.items():
                 if isinstance(f, np.ndarray):
                     buffers += f.nbytes                    # e.g. naive mode's scratch buffer
-                elif hasattr(f, "mode"):
-                    files[str(key)] = f.mode
+                elif hasattr(f, "read_mode"):
+                    files[str(key)] = f.read_mode
         import numba
         return {"mode": m.mode, "budget": plan.budget if plan else None,
                 "minimum_bytes": plan.minimum_bytes if plan else None,

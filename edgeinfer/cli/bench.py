@@ -7,7 +7,13 @@ import json
 import sys
 
 from edgeinfer.bench.runner import BenchConfig
-from edgeinfer.cli.args import LEGACY_MODEL, add_json, add_max_new_tokens, add_model, add_threads, model_of
+from edgeinfer.cli.args import (
+    LEGACY_MODEL,
+    add_max_new_tokens,
+    add_model,
+    add_threads,
+    model_of,
+)
 from edgeinfer.runtime.options import EXPORT_QUANTS, MATMUL_ACTIVATIONS
 
 EPILOG = """\

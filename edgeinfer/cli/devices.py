@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from edgeinfer.cli.args import add_json
-
 from edgeinfer.devices.profiles import (
     DeviceProfile,
     list_profiles,
@@ -18,6 +17,7 @@ from edgeinfer.devices.profiles import (
 from edgeinfer.errors import DeviceProfileError
 from edgeinfer.io.measure import DEFAULT_CHUNKS
 from edgeinfer.runtime.options import RuntimeOptions
+from edgeinfer.units import fmt_bytes
 
 QUICK = dict(chunk_sizes=DEFAULT_CHUNKS, file_size=32 << 20, seconds=0.1, dram_bytes=64 << 20)
 FULL = dict(chunk_sizes=DEFAULT_CHUNKS, file_size=256 << 20, seconds=0.5, dram_bytes=256 << 20)
@@ -93,7 +93,7 @@ def format_table(profiles: list[DeviceProfile]) -> str:
              "flash 1M GB/s", "providers")]
     for p in profiles:
         rows.append((
-            p.name, _gib(p.memory_bytes), _gib(p.default_memory_budget), str(p.cores),
+            p.name, fmt_bytes(p.memory_bytes), fmt_bytes(p.default_memory_budget), str(p.cores),
             f"{p.dram_bandwidth_gbps:.1f}", f"{p.flash_bandwidth(4 << 10):.3f}",
             f"{p.flash_bandwidth(1 << 20):.2f}",
             ",".join(x.removesuffix("ExecutionProvider") for x in p.execution_providers),
@@ -104,9 +104,9 @@ def format_table(profiles: list[DeviceProfile]) -> str:
 def format_probe(p: DeviceProfile) -> str:
     rows = [("chunk", "GB/s", "MB/s", "reads/s")]
     for chunk, gbps in p.flash_read_gbps:
-        rows.append((_chunk(chunk), f"{gbps:.3f}", f"{gbps * 1e3:.0f}",
+        rows.append((fmt_bytes(chunk), f"{gbps:.3f}", f"{gbps * 1e3:.0f}",
                      f"{gbps * 1e9 / chunk:.0f}"))
-    head = (f"{p.name}: {p.cores} cores, {_gib(p.memory_bytes)} memory, DRAM "
+    head = (f"{p.name}: {p.cores} cores, {fmt_bytes(p.memory_bytes)} memory, DRAM "
             f"{p.dram_bandwidth_gbps:.2f} GB/s, providers "
             f"{', '.join(p.execution_providers)}\nflash reads ({p.flash_storage}):")
     return head + "\n" + _render(rows)
@@ -116,10 +116,3 @@ def _render(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
-def _chunk(n: int) -> str:
-    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeinfer.format.constants import find_multiple
+from edgeinfer.format.quant import dequantize
+
 RECORD_PAD = 64
 
 
@@ -49,7 +52,7 @@ class BundleLayout:
         if self.bits == 16:
             return self.parts * self.hidden * 2
         raw = self.parts * (self.q_bytes + 2 * self.n_groups)
-        return -(-raw // RECORD_PAD) * RECORD_PAD
+        return find_multiple(raw, RECORD_PAD)
 
     @property
     def dtype(self):
@@ -96,14 +99,8 @@ def decode(layout: BundleLayout, records: np.ndarray) -> list[np.ndarray]:
     out = []
     for j in range(layout.parts):
         q = records[:, j * layout.q_bytes:(j + 1) * layout.q_bytes]
-        if layout.bits == 4:
-            codes = np.empty((n, d), dtype=np.uint8)
-            codes[:, 0::2] = q & 15
-            codes[:, 1::2] = q >> 4
-        else:
-            codes = q
         so = layout.scale_offset + j * 2 * layout.n_groups
         s = np.ascontiguousarray(records[:, so:so + 2 * layout.n_groups]).view(np.float16).astype(np.float32)
-        v = (codes.astype(np.float32) - 2 ** (layout.bits - 1)).reshape(n, layout.n_groups, -1) * s[..., None]
-        out.append(v.reshape(n, d))
+        blocks = q.reshape(n, layout.n_groups, layout.q_bytes // layout.n_groups)
+        out.append(dequantize(blocks, s, layout.bits))
     return out

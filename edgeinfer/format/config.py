@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from edgeinfer.errors import ModelFormatError
 
 FAMILIES = ("opt", "llama", "mixtral", "qwen2_moe")
-ACTIVATIONS = ("relu", "silu", "gelu")
+FFN_ACTIVATIONS = ("relu", "silu", "gelu")   # the FFN activation functions a model may use
 # Refuse absurd shapes before allocating anything (hostile or corrupt manifests).
 _LIMITS = {
     "vocab_size": 1 << 22, "hidden_size": 1 << 16, "num_layers": 1024, "num_heads": 1024,
@@ -86,8 +86,8 @@ class ModelConfig:
 
         if self.family not in FAMILIES:
             bad(f"family {self.family!r} not one of {FAMILIES}")
-        if self.activation not in ACTIVATIONS:
-            bad(f"activation {self.activation!r} not one of {ACTIVATIONS}")
+        if self.activation not in FFN_ACTIVATIONS:
+            bad(f"activation {self.activation!r} not one of {FFN_ACTIVATIONS}")
         if self.norm not in ("rmsnorm", "layernorm"):
             bad(f"norm {self.norm!r}")
         if self.position not in ("rotary", "learned"):

@@ -28,7 +28,7 @@ b = stage bits), every piece starting on a 64-byte boundary, the part padded to 
     [codes(gate) | scales(gate) | codes(up) | scales(up) | codes(down) | scales(down) | pad]
 
     codes(m):  uint8 [n, k/g, g*b/8] and scales(m): float32 [n, k/g] -- exactly the
-               MatMulNBits layout of export/quantize.py (code = round(w/s) + 2**(b-1); for
+               MatMulNBits layout of edgeinfer/format/quant.py (code = round(w/s) + 2**(b-1); for
                4 bits value 2j in the low nibble), so the runtime hands views of a cached
                record straight to kernels.matmul_nbits. (float32 scales cost 1 bit per
                weight at g = 32, float16 would cost half that, but the shared kernels take
@@ -42,22 +42,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ALIGN = 4096
+from edgeinfer.format.constants import ALIGN, find_multiple
+from edgeinfer.format.quant import QUANT_BITS, dequantize
+
+PIECE_ALIGN = 64    # every piece of a stage part starts on a cache line
 STAGES = {  # (high quant, low) -> stages of the nested record
     ("int8", None): (8,), ("int4", None): (4,), ("f16", None): (16,),
     ("int8", "int4"): (4, 4), ("int8", "int2"): (2, 2, 4), ("int4", "int2"): (2, 2),
     ("f16", "int4"): (16,), ("f16", "int2"): (16,),
 }
-LOW_BITS = {"int4": 4, "int2": 2}
 HIGH, LOW = "high", "low"
 
 
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def _pad64(n: int) -> int:
-    return -(-n // 64) * 64
+def _pad_piece(n: int) -> int:
+    return find_multiple(n, PIECE_ALIGN)
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ class RecordFormat:
         return [(n * k * bits // 8, 4 * n * (k // self.group_size)) for n, k in self.shapes()]
 
     def stage_bytes(self, bits: int) -> int:
-        return _align(sum(_pad64(c) + _pad64(sc) for c, sc in self._pieces(bits)))
+        return find_multiple(sum(_pad_piece(c) + _pad_piece(sc) for c, sc in self._pieces(bits)), ALIGN)
 
     def stage_offsets(self) -> list[int]:
         out, at = [], 0
@@ -103,8 +101,8 @@ class RecordFormat:
         for b, base in zip(stages, self.stage_offsets()):
             at = base
             for m, ((n, k), (c, sc)) in enumerate(zip(self.shapes(), self._pieces(b))):
-                out.append((b, m, at, at + _pad64(c), n, k))
-                at += _pad64(c) + _pad64(sc)
+                out.append((b, m, at, at + _pad_piece(c), n, k))
+                at += _pad_piece(c) + _pad_piece(sc)
         return tuple(out)
 
 
@@ -162,17 +160,17 @@ class ExpertLayout:
     def for_export(cls, hidden: int, ffn: int, num_experts: int, group_size: int, quant: str,
                    low: str | None) -> "ExpertLayout":
         stages = STAGES[(quant, low)]
-        low_bits = LOW_BITS[low] if low else 0
+        low_bits = QUANT_BITS[low] if low else 0
         return cls(hidden, ffn, num_experts, group_size, stages, low_bits, low_nested=bool(low) and len(stages) > 1)
 
 
 # -- encoding (export) and reference decoding (tests, the kernels' reference) ---------------
-def encode(fmt: RecordFormat, matrices, quantize, dequantize) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+def encode(fmt: RecordFormat, matrices, quantize) -> tuple[np.ndarray, list[list[np.ndarray]]]:
     """One expert's record (uint8 [record_bytes]) from float32 gate/up/down.
 
     Returns (record, levels): levels[j] = the float32 matrices the first j+1 stages decode
-    to, for the export's error report. `quantize(w, bits, g)` / `dequantize(p, s, bits)` are
-    export/quantize.py's; each stage quantizes what the stages before it left over.
+    to, for the export's error report. `quantize(w, bits, g)` is export/quantize.py's; each
+    stage quantizes what the stages before it left over.
     """
     rec = np.zeros(fmt.record_bytes, np.uint8)
     mats = [np.asarray(m, np.float32) for m in matrices]
@@ -217,16 +215,7 @@ def decode(fmt: RecordFormat, record: np.ndarray, levels: int | None = None) -> 
     for stages in views(fmt, record, levels):
         w = 0
         for b, codes, scales in stages:
-            w = w + (codes.astype(np.float32) if b == 16 else _dequantize(codes, scales, b))
+            w = w + (codes.astype(np.float32) if b == 16 else dequantize(codes, scales, b))
         out.append(w)
     return out
 
-
-def _dequantize(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
-    """MatMulNBits codes [n, nb, blob] + scales [n, nb] -> float32 [n, nb * g]."""
-    n, nb, blob = packed.shape
-    per = 8 // bits
-    codes = np.empty((n, nb, blob, per), np.float32)
-    for t in range(per):
-        codes[..., t] = (packed >> (bits * t)) & ((1 << bits) - 1)
-    return ((codes.reshape(n, nb, -1) - 2 ** (bits - 1)) * scales[..., None]).reshape(n, -1)

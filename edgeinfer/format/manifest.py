@@ -6,18 +6,18 @@ against its file; every file carries a crc32.
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgeinfer.errors import ChecksumError, ModelFormatError
+from edgeinfer.format.checksum import crc32_bytes, crc32_file
 from edgeinfer.format.config import ModelConfig
+from edgeinfer.format.constants import GRAPH_FILE, MANIFEST
 
 FORMAT_NAME = "edgeinfer-model"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 _DTYPES = {"float32", "float16", "uint8", "int8", "int32", "uint32", "int64"}
 _MAX_TENSOR_BYTES = 1 << 40
 
@@ -98,7 +98,7 @@ def read_manifest(folder: str | Path) -> Manifest:
         if e.offset + e.nbytes > files[e.file]["size"]:
             raise ModelFormatError(f"tensor {name} extends past the end of {e.file}")
         tensors[name] = e
-    graph = raw.get("graph", "model.onnx")
+    graph = raw.get("graph", GRAPH_FILE)
     if graph not in files:
         raise ModelFormatError(f"{folder}: graph file {graph!r} is not in the manifest's file table")
     tok = raw.get("tokenizer")
@@ -142,20 +142,14 @@ def _tensor_entry(name: str, t: dict) -> TensorEntry:
 def verify_file(manifest: Manifest, rel: str, data: np.ndarray | bytes | None = None) -> None:
     """Check a whole file's crc32 (from `data` if already read) against the manifest."""
     expect = manifest.files[rel]["crc32"]
-    if data is None:
-        crc = 0
-        with open(manifest.path(rel), "rb") as f:
-            while block := f.read(1 << 22):
-                crc = zlib.crc32(block, crc)
-    else:
-        crc = zlib.crc32(data)
+    crc = crc32_file(manifest.path(rel)) if data is None else crc32_bytes(data)
     if crc != expect:
         raise ChecksumError(f"{manifest.folder / rel}: checksum mismatch (crc32 {crc:08x}, manifest {expect:08x}): "
                             "the file is corrupted; re-export or re-download the model")
 
 
 def verify_tensor(entry: TensorEntry, data: np.ndarray) -> None:
-    crc = zlib.crc32(np.ascontiguousarray(data).view(np.uint8))
+    crc = crc32_bytes(data)
     if crc != entry.crc32:
         raise ChecksumError(f"{entry.file}: checksum mismatch in tensor {entry.name} at offset {entry.offset} "
                             f"({entry.nbytes} bytes): the file is corrupted; re-export the model")

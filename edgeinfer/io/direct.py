@@ -37,11 +37,11 @@ import weakref
 import numpy as np
 
 from edgeinfer.errors import BufferedFallbackWarning, ModelClosedError, StorageError
+from edgeinfer.format.constants import ALIGN, find_multiple
 from edgeinfer.io.faults import FaultInjector
 from edgeinfer.io.read_plan import ReadPlan, as_requests, plan_reads
 from edgeinfer.io.stats import IOStats
 
-ALIGN = 4096
 RETRYABLE = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT}
 STAGING_KEEP = 16 << 20     # staging buffers up to this size are kept for the next batch
 NATIVE_THREADS_MIN_BYTES = 256 << 10   # below this a batch runs on the calling thread
@@ -112,13 +112,13 @@ class WeightFile:
         self.max_gap = max_gap
         self.max_read = max_read
         self.queue_depth = queue_depth
-        self.mode = "buffered"          # "direct" (O_DIRECT), "nocache" (F_NOCACHE), "buffered"
+        self.read_mode = "buffered"     # "direct" (O_DIRECT), "nocache" (F_NOCACHE), "buffered"
         self.fallback_reason: str | None = None
         self._fd = self._open(direct)
         self._finalizer = weakref.finalize(self, os.close, self._fd)
         real_size = os.fstat(self._fd).st_size
         self.size = faults.file_size(real_size) if faults is not None else real_size
-        self.align = ALIGN if self.mode == "direct" else 1
+        self.align = ALIGN if self.read_mode == "direct" else 1
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -154,7 +154,7 @@ class WeightFile:
                 else:
                     reason = self._check_direct(fd)
                     if reason is None:
-                        self.mode = "direct"
+                        self.read_mode = "direct"
                         return fd
                     os.close(fd)
             elif sys.platform == "darwin":
@@ -162,7 +162,7 @@ class WeightFile:
                 fd = os.open(self.path, flags)
                 try:
                     fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
-                    self.mode = "nocache"
+                    self.read_mode = "nocache"
                     return fd
                 except OSError as exc:
                     os.close(fd)
@@ -219,7 +219,7 @@ class WeightFile:
             out = np.empty(length, dtype=np.uint8)
             return self.read_batch([(offset, length)], out=out).data
         start = offset - offset % self.align
-        span = -(-(offset + length) // self.align) * self.align - start
+        span = find_multiple(offset + length, self.align) - start
         buf = aligned_empty(span)
         readable = min(start + span, self.size) - start
         # The whole aligned span is read straight into buf; only an EOF tail is staged.
@@ -299,7 +299,7 @@ class WeightFile:
                     self._run_native(plan, out, staging, tally)
                 else:
                     self._run_python(plan, out, staging, tally)
-                if self.mode == "buffered" and hasattr(os, "posix_fadvise"):
+                if self.read_mode == "buffered" and hasattr(os, "posix_fadvise"):
                     lo = int(plan.piece_offset[0])
                     hi = int((plan.piece_offset + plan.piece_length).max())
                     os.posix_fadvise(self._fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
@@ -411,7 +411,7 @@ class WeightFile:
             except OSError as exc:
                 if exc.errno == errno.EINTR:
                     continue
-                if exc.errno == errno.EINVAL and self.mode == "direct":
+                if exc.errno == errno.EINVAL and self.read_mode == "direct":
                     raise StorageError(
                         f"O_DIRECT read of {want} bytes at offset {pos} of {self.path} "
                         f"was refused (EINVAL): the device may need an alignment above "
@@ -516,7 +516,7 @@ class WeightFile:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"WeightFile({self.path!r}, mode={self.mode}, size={self.size}, "
+        return (f"WeightFile({self.path!r}, read_mode={self.read_mode}, size={self.size}, "
                 f"native={self.native})")
 
 

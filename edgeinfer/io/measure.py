@@ -24,7 +24,7 @@ DEFAULT_CHUNKS = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
 @dataclasses.dataclass(frozen=True)
 class ReadBandwidth:
     gbps: dict[int, float]      # chunk bytes -> GB/s (1e9 bytes/s)
-    mode: str                   # "direct", "nocache" or "buffered" (see WeightFile.mode)
+    read_mode: str              # "direct", "nocache" or "buffered" (see WeightFile.read_mode)
     native: bool
     threads: int
     file_size: int
@@ -58,11 +58,11 @@ def measure_read_bandwidth(directory: str | os.PathLike,
                 results[chunk] = _measure_chunk(wf, rng, chunk, seconds)
                 if progress is not None:
                     progress(i, chunk, results[chunk])
-            mode, native = wf.mode, wf.native
+            read_mode, native = wf.read_mode, wf.native
     finally:
         os.close(fd)
         os.unlink(path)
-    return ReadBandwidth(results, mode, native, threads, file_size, seconds)
+    return ReadBandwidth(results, read_mode, native, threads, file_size, seconds)
 
 
 def _measure_chunk(wf: WeightFile, rng: np.random.Generator, chunk: int,

@@ -22,6 +22,8 @@ import dataclasses
 
 import numpy as np
 
+from edgeinfer.format.constants import find_multiple
+
 
 @dataclasses.dataclass(frozen=True)
 class ReadPlan:
@@ -89,7 +91,7 @@ def plan_reads(offsets: np.ndarray, lengths: np.ndarray, dest: np.ndarray, *,
 
     # 2. ranges: aligned runs whose holes are at most max_gap bytes
     a_start = run_start - run_start % align
-    a_end = -(-run_end // align) * align
+    a_end = find_multiple(run_end, align)
     reach = np.maximum.accumulate(a_end)
     new_range = np.concatenate(([True], a_start[1:] > reach[:-1] + max_gap))
     rfirst = np.flatnonzero(new_range)

@@ -2,11 +2,10 @@
 handed out as zero-copy numpy views per tensor."""
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 
 from edgeinfer.errors import ChecksumError, InvalidArgumentError, ModelFormatError
+from edgeinfer.format.checksum import crc32_bytes
 from edgeinfer.format.manifest import Manifest, verify_tensor
 from edgeinfer.runtime.options import VERIFY_MODES
 
@@ -20,7 +19,7 @@ class ResidentWeights:
         for rel in files:
             data = _read_whole(manifest, rel)
             if verify == "full":
-                crc = zlib.crc32(data)
+                crc = crc32_bytes(data)
                 if crc != manifest.files[rel]["crc32"]:
                     bad = _first_bad_tensor(manifest, rel, data)
                     where = f" in tensor {bad.name} at offset {bad.offset}" if bad else ""
@@ -64,6 +63,6 @@ def _read_whole(manifest: Manifest, rel: str) -> np.ndarray:
 
 def _first_bad_tensor(manifest: Manifest, rel: str, data: np.ndarray):
     for e in sorted((e for e in manifest.tensors.values() if e.file == rel), key=lambda e: e.offset):
-        if zlib.crc32(data[e.offset:e.offset + e.nbytes]) != e.crc32:
+        if crc32_bytes(data[e.offset:e.offset + e.nbytes]) != e.crc32:
             return e
     return None

@@ -9,7 +9,7 @@ output. The IR is target-neutral (LLVM legalises <16 x float> to AVX-512, AVX2 o
 NEON registers); only `qdot_i8` uses an x86 instruction (VNNI) and is offered only
 where the host has it.
 
-Bytes and the values they hold (export/quantize.py): a byte carries P = 8 // bits
+Bytes and the values they hold (edgeinfer/format/quant.py): a byte carries P = 8 // bits
 values, field t (bits t*bits ..) being element P*j + t of the row. If x is split
 into P phase arrays x_t = x[t::P], byte g of a row multiplies x_t[g] for every t:
 all loads are contiguous.

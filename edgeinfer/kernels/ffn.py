@@ -290,7 +290,7 @@ def bundled_ffn(x: np.ndarray, records: np.ndarray, layout, activation: str, row
         rows = np.arange(records.shape[0], dtype=np.int64)
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     nids = rows if neuron_ids is None else np.ascontiguousarray(neuron_ids, dtype=np.int64)
-    if x.shape[0] >= PREFILL_ROWS and not (activation == "relu" and _simd_steps_log2(layout) >= 0):
+    if x.shape[0] >= DENSE_FFN_MIN_ROWS and not (activation == "relu" and _simd_steps_log2(layout) >= 0):
         return _dense_ffn(x, records, layout, activation, rows, nids, up_bias)
     if x.shape[0] > SPARSE_BLOCK_ROWS:       # bounded per-chunk accumulators
         return np.concatenate([bundled_ffn(x[s:s + SPARSE_BLOCK_ROWS], records, layout, activation, rows,
@@ -362,7 +362,7 @@ def decode_rows(records: np.ndarray, layout, rows: np.ndarray) -> np.ndarray:
 # rows of every (token, neuron) whose gate is zero (80-90% of them), decodes nothing,
 # and does not contend with OpenBLAS's threads. Measured: 128-token prefill of the
 # 7b-wide-sparse synthetic (8 layers, streaming at 432 MiB) 8.8 s with BLAS, 5.6 s sparse.
-PREFILL_ROWS = 8
+DENSE_FFN_MIN_ROWS = 8
 SPARSE_BLOCK_ROWS = 64   # tokens per sparse-kernel call (its accumulators are per chunk x token)
 
 

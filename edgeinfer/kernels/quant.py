@@ -1,8 +1,8 @@
 """Matmuls and embedding gathers over quantized (MatMulNBits layout) and float16 weights.
 
 Weights are W [N, K] as nn.Linear stores them; y = x @ W.T. Quantized layout, fixed by
-export/quantize.py: packed uint8 [N, K // block, block * bits // 8], scales float32
-[N, K // block], symmetric with zero point 2**(bits-1); `export.quantize.dequantize`
+edgeinfer/format/quant.py: packed uint8 [N, K // block, block * bits // 8], scales float32
+[N, K // block], symmetric with zero point 2**(bits-1); `edgeinfer.format.quant.dequantize`
 is the reference these kernels are tested against.
 
 Two paths, by the number of activation rows M, both fusing the unpack into the
@@ -14,7 +14,7 @@ in registers and never written out as float32:
   while the weights stream past (_m_block), i.e. M / block passes over the weights.
 No BLAS: with Numba's OpenMP threads just released, an OpenBLAS call on the same cores
 was measured 100x slower than alone (the two pools fight), and a fused kernel needs
-no dequantized copy of the weights. (From kernels.dequant.PREFILL_ROWS rows on, long
+no dequantized copy of the weights. (From kernels.dequant.BLAS_MATMUL_MIN_ROWS rows on, long
 prompts, the executor does use chunked dequantization + BLAS: measured faster there.)
 
 Threads: parallel over output rows with numba.get_num_threads() (numba.set_num_threads).
@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from edgeinfer.format.quant import SUPPORTED_BITS
 from edgeinfer.kernels._simd import (
     HAS_VNNI,
     VW,
@@ -41,7 +42,6 @@ from edgeinfer.kernels._simd import (
     qgemm_2x8,
 )
 
-SUPPORTED_BITS = (2, 4, 8)
 # Above this many bytes of activations per row, x stops fitting in L1 next to the
 # weights, and the GEMV shares each load of x between 4 weight rows.
 _LONG_ROW_BYTES = 24 * 1024
@@ -410,6 +410,17 @@ def gather_nbits(packed, scales, ids, bits, block_size):
     if flat.size:
         _dequant_rows(packed, scales, bits, flat, out)
     return out.reshape(shape + (K,))
+
+
+def dequantize_nbits(packed, scales, bits):
+    """packed uint8 [N, nb, blob], scales float32 [N, nb] -> float32 [N, K]: the compiled
+    edgeinfer.format.quant.dequantize (same float32 operations, equal bit for bit)."""
+    n, nb, blob = packed.shape
+    out = np.empty((n, nb * blob * 8 // bits), dtype=np.float32)
+    if n:
+        scales = np.ascontiguousarray(scales, dtype=np.float32).reshape(n, nb)
+        _dequant_rows(packed, scales, bits, np.arange(n, dtype=np.int64), out)
+    return out
 
 
 def gather_f16(w16, ids):

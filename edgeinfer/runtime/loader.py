@@ -9,7 +9,13 @@ from edgeinfer.format.manifest import read_manifest
 from edgeinfer.io.resident import ResidentWeights
 from edgeinfer.runtime.executor import Executor, load_graph
 from edgeinfer.runtime.model import Model
-from edgeinfer.runtime.options import BACKENDS, DEFAULT_BACKEND, DEFAULT_VERIFY, VERIFY_MODES, RuntimeOptions
+from edgeinfer.runtime.options import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    DEFAULT_VERIFY,
+    VERIFY_MODES,
+    RuntimeOptions,
+)
 from edgeinfer.runtime.stats import RuntimeStats
 from edgeinfer.runtime.tokenizer import Tokenizer
 from edgeinfer.streaming.plan import make_plan

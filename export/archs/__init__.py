@@ -9,15 +9,14 @@ from __future__ import annotations
 from importlib import import_module
 
 from edgeinfer.errors import CheckpointError, UnsupportedModelError
-
-FAMILIES = {"opt": "opt", "llama": "llama", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
+from edgeinfer.format.config import FAMILIES
 
 
 def arch_module(family: str):
-    try:
-        return import_module(f".{FAMILIES[family]}", __package__)
-    except (KeyError, ModuleNotFoundError):
-        raise UnsupportedModelError(f"the {family} family cannot be exported by this version") from None
+    """The module of `family` (one of FAMILIES: each has a module of that name here)."""
+    if family not in FAMILIES:
+        raise UnsupportedModelError(f"the {family} family cannot be exported by this version")
+    return import_module(f".{family}", __package__)
 
 
 class Weights:

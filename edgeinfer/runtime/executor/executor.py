@@ -1,5 +1,5 @@
 """The executor: walks the graph once at load to bind every node to a kernel,
-then runs the bound plan for each forward pass (prefill or one decode step)."""
+then runs the bound steps for each forward pass (prefill or one decode step)."""
 from __future__ import annotations
 
 import warnings
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeinfer.errors import ActivationsWarning, ModelFormatError
+from edgeinfer.format.constants import INPUT_IDS, LOGITS, POSITION_IDS
 from edgeinfer.runtime.executor.graph import Graph
 from edgeinfer.runtime.executor.ops import OPS, int8_unsupported
 
@@ -38,13 +39,13 @@ class Executor:
         overrides = overrides or {}
         self.segments = list(segments)
         covered = {i: seg for seg in self.segments for i in seg.nodes}
-        self.plan = []
+        self.steps = []
         produced = set(graph.inputs)
         for i, node in enumerate(graph.nodes):
             seg = covered.get(i)
             if seg is not None:
                 if i == seg.nodes[0]:
-                    self.plan.append((seg, seg.inputs, tuple(seg.outputs)))
+                    self.steps.append((seg, seg.inputs, tuple(seg.outputs)))
                 produced.update(node.outputs)
                 continue
             fn = overrides.get(node.name)
@@ -58,12 +59,12 @@ class Executor:
                     reason = int8_unsupported(node)
                     if reason is not None:
                         self.int8_fallback[node.name] = reason
-            self.plan.append((fn, node.inputs, node.outputs[0]))
+            self.steps.append((fn, node.inputs, node.outputs[0]))
             produced.update(node.outputs)
         self.consts = {name: const(name) for name in graph.external} | graph.inline
         if self.int8_fallback:
             reasons = sorted(set(self.int8_fallback.values()))
-            total = sum(1 for fn, _, _ in self.plan if hasattr(fn, "int8_activations"))
+            total = sum(1 for fn, _, _ in self.steps if hasattr(fn, "int8_activations"))
             msg = (f"activations='int8': {len(self.int8_fallback)} of {total} MatMulNBits nodes keep float32 "
                    f"activations ({next(iter(self.int8_fallback))}, ...): " + "; ".join(reasons))
             warnings.warn(msg, ActivationsWarning, stacklevel=3)
@@ -73,20 +74,20 @@ class Executor:
         """Index of the lm_head matmul, so a decode step computes logits for the last row only
         (-1 when a segment holds it: the segment then slices the last row itself)."""
         producer = {o: i for i, n in enumerate(self.graph.nodes) for o in n.outputs}
-        i = producer.get("logits")
+        i = producer.get(LOGITS)
         if i is None:
             raise ModelFormatError("graph has no 'logits' output")
         if self.graph.nodes[i].op_type == "Add":
             i = producer.get(self.graph.nodes[i].inputs[0], i)
         outs = self.graph.nodes[i].outputs[0]
-        return next((j for j, (_, _, out) in enumerate(self.plan) if out == outs), -1)
+        return next((j for j, (_, _, out) in enumerate(self.steps) if out == outs), -1)
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray, state: RunState) -> np.ndarray:
         env = dict(self.consts)
-        env["input_ids"] = input_ids
-        env["position_ids"] = position_ids
+        env[INPUT_IDS] = input_ids
+        env[POSITION_IDS] = position_ids
         get = env.get
-        for i, (fn, inputs, out) in enumerate(self.plan):
+        for i, (fn, inputs, out) in enumerate(self.steps):
             args = [get(n) if n else None for n in inputs]
             if i == self.head and state.last_only:
                 args[0] = args[0][-1:]
@@ -94,4 +95,4 @@ class Executor:
                 env.update(zip(out, fn(state, *args)))
             else:
                 env[out] = fn(state, *args)
-        return env["logits"]
+        return env[LOGITS]

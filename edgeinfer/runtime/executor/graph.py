@@ -6,7 +6,6 @@ the runtime outside the model folder or at bytes the manifest did not checksum.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgeinfer.errors import ModelFormatError
+from edgeinfer.format.constants import LOGITS, past_key_layer
 from edgeinfer.format.manifest import Manifest
 
 _MAX_NODES = 1_000_000
@@ -41,9 +41,6 @@ class Graph:
     external: dict[str, str]          # initializer name -> manifest tensor name (same name)
     inline: dict[str, np.ndarray]     # small constants stored inside model.onnx
     opsets: dict[str, int]
-
-
-_PAST_KEY = re.compile(r"past_key_values\.(\d+)\.key$")
 
 
 def load_graph(manifest: Manifest) -> Graph:
@@ -85,10 +82,10 @@ def _check_config(manifest: Manifest, g, nodes: list[Node], path) -> None:
     """The manifest's config sizes the KV cache and checks token ids: it must describe
     the graph it comes with (an edited or mismatched manifest fails here, clearly)."""
     c = manifest.config
-    facts = {"num_layers": sum(1 for i in g.input if _PAST_KEY.match(i.name))}
+    facts = {"num_layers": sum(1 for i in g.input if past_key_layer(i.name) is not None)}
     for o in g.output:
         dims = o.type.tensor_type.shape.dim
-        if o.name == "logits" and dims and dims[-1].HasField("dim_value"):
+        if o.name == LOGITS and dims and dims[-1].HasField("dim_value"):
             facts["vocab_size"] = dims[-1].dim_value
     for n in nodes:
         if n.op_type == "Attention" and n.domain == "edgeinfer":

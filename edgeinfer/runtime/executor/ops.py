@@ -7,18 +7,17 @@ straight kernel call; factories registered with options=True also get the
 RuntimeOptions. Every callable has the signature fn(state, *inputs).
 
 Matmuls run the fused kernels (kernels/quant.py) for decode and prefill alike, up to
-kernels.dequant.PREFILL_ROWS rows; from there on (long prompts, float32 activations)
+kernels.dequant.BLAS_MATMUL_MIN_ROWS rows; from there on (long prompts, float32 activations)
 chunked dequantization + numpy BLAS is faster (measurements in kernels/dequant.py).
 """
 from __future__ import annotations
-
-import re
 
 import numpy as np
 from onnx import helper
 
 from edgeinfer import kernels
 from edgeinfer.errors import ModelFormatError
+from edgeinfer.format.constants import past_key_layer, past_name
 from edgeinfer.kernels import dequant
 
 OPS: dict[tuple[str, str], callable] = {}
@@ -118,7 +117,7 @@ def _matmul_nbits(node, const, options):
     int8 = options.activations == "int8" and int8_unsupported(node) is None
 
     def run(state, x, _p, _s):
-        if not int8 and x.shape[0] >= dequant.PREFILL_ROWS:
+        if not int8 and x.shape[0] >= dequant.BLAS_MATMUL_MIN_ROWS:
             return dequant.prefill_matmul(x, packed, scales, bits)
         return kernels.matmul_nbits(x, packed, scales, bits, block, int8_activations=int8)
 
@@ -132,7 +131,7 @@ def _matmul_f16(node, const):
     w = _need(const, node.inputs[1], node)
 
     def run(state, x, _w):
-        if x.shape[0] >= dequant.PREFILL_ROWS:
+        if x.shape[0] >= dequant.BLAS_MATMUL_MIN_ROWS:
             return dequant.prefill_matmul_f16(x, w)
         return kernels.matmul_f16(x, w)
 
@@ -155,9 +154,6 @@ def _rms_norm(node, const):
     return lambda state, x, _w: kernels.rms_norm(x, w, eps)
 
 
-_PAST = re.compile(r"past_key_values\.(\d+)\.key$")
-
-
 @op("edgeinfer", "Attention")
 def _attention(node, const):
     """Causal GQA attention over the state's KV cache (the ONNX past/present
@@ -165,10 +161,9 @@ def _attention(node, const):
     a = node.attrs
     H, KVH, D, R = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"]), int(a["rotary_dim"])
     scale = float(a["scale"])
-    m = _PAST.match(node.inputs[3])
-    if not m:
-        raise ModelFormatError(f"node {node.name}: past_key input must be a graph input past_key_values.N.key")
-    layer = int(m.group(1))
+    layer = past_key_layer(node.inputs[3])
+    if layer is None:
+        raise ModelFormatError(f"node {node.name}: past_key input must be a graph input {past_name('N', 'key')}")
 
     def run(state, q, k, v, _pk, _pv, cos, sin):
         s = q.shape[0]

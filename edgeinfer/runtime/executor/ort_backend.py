@@ -25,7 +25,6 @@ way, the past is rebuilt from the KVCache).
 """
 from __future__ import annotations
 
-import re
 import threading
 import warnings
 import weakref
@@ -36,6 +35,13 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgeinfer.errors import ConstantFoldingWarning, EdgeInferError
+from edgeinfer.format.constants import (
+    LOGITS,
+    PAST_PREFIX,
+    PRESENT_PREFIX,
+    past_key_layer,
+    past_name,
+)
 from edgeinfer.runtime.executor.graph import Graph
 from edgeinfer.runtime.executor.partition import (
     ORT,
@@ -51,8 +57,6 @@ from edgeinfer.runtime.executor.providers import (
     provider_name,
 )
 
-
-_PAST = re.compile(r"past_key_values\.(\d+)\.key$")
 _ROWS_START = "edgeinfer.rows_start"      # 0: logits for every position; -1: the last only
 _INT64_MAX = np.iinfo(np.int64).max
 # MatMulNBits accuracy_level set in the sub-models, by weight bits. onnxruntime's CPU kernel
@@ -95,7 +99,7 @@ def head_input(graph: Graph) -> tuple[int, int]:
     """(node index, input slot) of the lm_head matmul's activation input: the last
     position is sliced there when only the next token's logits are wanted."""
     producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs}
-    i = producer.get("logits")
+    i = producer.get(LOGITS)
     if i is None:
         raise EdgeInferError("graph has no 'logits' output")
     if graph.nodes[i].op_type == "Add":
@@ -143,8 +147,8 @@ class OrtRunner:
     def segment(self, seg: Segment, types: dict[str, int], head: tuple[int, int]) -> "OrtSegment":
         g = self.model.graph
         nodes = [self._copy(g.node[i]) for i in seg.nodes]
-        inputs = [i for i in seg.inputs if not i.startswith("past_key_values.")]
-        outputs = [o for o in seg.outputs if not o.startswith("present.")]
+        inputs = [i for i in seg.inputs if not i.startswith(PAST_PREFIX)]
+        outputs = [o for o in seg.outputs if not o.startswith(PRESENT_PREFIX)]
         extra_inits, kvs = [], []
         head_here = head[0] in seg.nodes
         if head_here:   # logits for the last position only when asked (decode), from a fed start row
@@ -195,10 +199,9 @@ class OrtRunner:
 
     def _kv_rows(self, n, nodes, extra_inits) -> _KV:
         pk, pv = n.input[3], n.input[4]
-        m = _PAST.match(pk)
-        if not m:
-            raise EdgeInferError(f"node {n.name}: past_key input must be a graph input past_key_values.N.key")
-        layer = int(m.group(1))
+        layer = past_key_layer(pk)
+        if layer is None:
+            raise EdgeInferError(f"node {n.name}: past_key input must be a graph input {past_name('N', 'key')}")
         length = f"{pk}.length"
         rows = (f"{n.output[1]}.rows", f"{n.output[2]}.rows")
         if "edgeinfer.int64_max" not in {t.name for t in extra_inits}:

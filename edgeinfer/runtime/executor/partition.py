@@ -21,6 +21,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from edgeinfer.errors import EdgeInferError, InternalError
+from edgeinfer.format.constants import INPUT_IDS, POSITION_IDS
 from edgeinfer.runtime.executor.graph import Graph, Node
 from edgeinfer.runtime.options import BACKENDS
 
@@ -101,7 +102,7 @@ def tensor_types(graph: Graph, manifest) -> dict[str, int]:
     """ONNX element type of every tensor, propagated through the nodes (the exported
     graph carries no value_info for intermediates, and onnx shape inference does not
     know the contrib ops). Sub-models need these for their inputs and outputs."""
-    types: dict[str, int] = {"input_ids": TensorProto.INT64, "position_ids": TensorProto.INT64}
+    types: dict[str, int] = {INPUT_IDS: TensorProto.INT64, POSITION_IDS: TensorProto.INT64}
     for name in graph.external:
         types[name] = helper.np_dtype_to_tensor_dtype(np.dtype(manifest.tensors[name].dtype))
     for name, arr in graph.inline.items():
