@@ -2,7 +2,7 @@
 exported model, side by side, and cold start (process start to first token).
 
     python benchmarks/backends.py                    # synthetic int4 Llama (520-560 MB of weights), both layouts
-    python benchmarks/backends.py --json out.json    # table, and the numbers as JSON
+    python benchmarks/backends.py --json-file out.json   # table, and the numbers as JSON
     python benchmarks/backends.py --model MODEL_DIR  # an exported folder instead
     python benchmarks/backends.py --cold-only        # only the cold start of the demo model
 
@@ -53,6 +53,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 import edgeinfer  # noqa: E402
+from edgeinfer.bench.report import write_json
+from edgeinfer.cli.args import add_json
 from edgeinfer.format.constants import MANIFEST, TOKENIZER_FILE  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "models" / "llama-relu-8m" / "tokenizer.json"   # vocab 8192
@@ -275,7 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--cold-backends", default="numba", help="backends whose cold start to time (default numba)")
     p.add_argument("--cold-only", action="store_true", help="only the cold start")
     p.add_argument("--skip-cold", action="store_true", help="no cold start")
-    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    add_json(p, "the numbers", file=True)
     args = p.parse_args(argv)
     args.layouts = [x for x in args.layouts.split(",") if x]
     args.backends = [x for x in args.backends.split(",") if x]
@@ -307,8 +309,8 @@ def main(argv=None) -> int:
         print_decode(report["decode"], report["weight_bytes"])
     if report["cold_start"]:
         print_cold(report["cold_start"])
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.json or args.json_file:
+        write_json(report, stdout=args.json, path=args.json_file)
     return 0
 
 

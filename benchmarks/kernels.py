@@ -2,7 +2,7 @@
 against onnxruntime's MatMulNBits on the same packed weights.
 
     python benchmarks/kernels.py                 # tables
-    python benchmarks/kernels.py --json out.json # tables, and the numbers as JSON
+    python benchmarks/kernels.py --json-file out.json  # tables, and the numbers as JSON
     python benchmarks/kernels.py --prefill       # also the M sweep (prefill / batches)
     python benchmarks/kernels.py --prefill-only --threads 1 2 --bits 4   # only the sweep
 
@@ -28,7 +28,8 @@ import numba  # noqa: E402
 import numpy as np
 from edgeinfer.export.quantize import quantize  # noqa: E402
 
-from edgeinfer.bench.report import write_json  # noqa: E402
+from edgeinfer.bench.report import write_json
+from edgeinfer.cli.args import add_json
 from edgeinfer.kernels import matmul_nbits  # noqa: E402
 from edgeinfer.kernels.quant import int8_activations_supported  # noqa: E402
 
@@ -233,7 +234,7 @@ def print_table(rows, ours, theirs, title):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
+    add_json(ap, "the numbers", file=True)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 8], choices=[2, 4, 8])
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--threads", type=int, nargs="+",
@@ -270,8 +271,8 @@ def main(argv=None):
         print(f"\nM sweep (prefill / batches), N x K = {SHAPES[0][0]} x {SHAPES[0][1]}, best-of times, "
               "GF/s = 2 M N K / time:")
         result["prefill"] = prefill_rows(args, rng)
-    if args.json:
-        write_json(result, args.json)
+    if args.json or args.json_file:
+        write_json(result, stdout=args.json, path=args.json_file)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """MoE expert offloading benchmark: decode ms/token under a memory budget, side by side.
 
     python benchmarks/moe.py                       # synthetic Mixtral-like model, built in a temp dir
-    python benchmarks/moe.py --json out.json       # the table, and the numbers as JSON ("-": stdout)
+    python benchmarks/moe.py --json-file out.json  # the table, and the numbers as JSON (--json: stdout)
     python benchmarks/moe.py --work /tmp/moe-bench # keep (and reuse) the checkpoint and the export
     python benchmarks/moe.py --model MODEL_DIR     # an exported MoE folder instead
 
@@ -38,10 +38,11 @@ import numba
 ROOT = Path(__file__).resolve().parent.parent
 
 import edgeinfer  # noqa: E402
-from edgeinfer.bench.report import write_json  # noqa: E402
+from edgeinfer.bench.report import write_json
 from edgeinfer.bench.synthetic import write_checkpoint  # noqa: E402
+from edgeinfer.cli.args import add_json
 from edgeinfer.format.constants import EXPERTS_FILE, MANIFEST, TOKENIZER_FILE  # noqa: E402
-from edgeinfer.format.quant import EXPERT_LOW_QUANTS  # noqa: E402
+from edgeinfer.runtime.options import EXPERT_LOW_QUANTS
 from edgeinfer.streaming.moe.op import runtime_of  # noqa: E402
 from edgeinfer.units import fmt_bytes  # noqa: E402
 
@@ -229,12 +230,12 @@ def main(argv=None) -> int:
                                                              "default 128; 0: pread threads)")
     p.add_argument("--io-threads", type=int, default=4, help="pread threads per batch with --io-depth 0 or no "
                                                             "io_uring (RuntimeOptions.io_threads; default 4)")
-    p.add_argument("--json", help="also write the numbers as JSON to this file ('-': stdout)")
+    add_json(p, "the numbers", file=True)
     args = p.parse_args(argv)
     out = run(args)
     print_table(out)
-    if args.json:
-        write_json(out, args.json)
+    if args.json or args.json_file:
+        write_json(out, stdout=args.json, path=args.json_file)
     return 0
 
 

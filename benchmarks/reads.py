@@ -2,7 +2,7 @@
 
     python benchmarks/reads.py                        # a 512 MiB temp file in the current folder
     python benchmarks/reads.py --file /tmp/syn/wide-sparse-8l/ffn.bin --sizes 8K 12K 1M
-    python benchmarks/reads.py --json out.json        # also every number as JSON ('-': stdout)
+    python benchmarks/reads.py --json-file out.json   # also every number as JSON (--json: stdout)
 
 Small random reads are latency-bound, so their rate grows with the reads in flight until
 the device saturates; this is what sets a streamed token's I/O time (reads per token /
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeinfer.bench.report import write_json  # noqa: E402
+from edgeinfer.bench.report import write_json
+from edgeinfer.cli.args import add_json
 from edgeinfer.io import WeightFile, aligned_empty  # noqa: E402
 from edgeinfer.units import fmt_bytes  # noqa: E402
 
@@ -58,7 +59,7 @@ def main() -> int:
                     help="read (pread) threads for depth 0 (default: 16)")
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--json", help="write the numbers as JSON here ('-': stdout)")
+    add_json(ap, "the numbers", file=True)
     args = ap.parse_args()
     if min(args.depths) < 0 or args.threads < 1 or args.seconds <= 0 or args.rounds < 1:
         ap.error("--depths must be >= 0, --io-threads and --rounds >= 1, --seconds > 0")
@@ -97,10 +98,10 @@ def main() -> int:
     print(f"{'size':>8}" + "".join(f"{c:>14}" for c in cols))
     for chunk in args.sizes:
         print(f"{fmt_bytes(chunk):>8}" + "".join(f"{best[(chunk, d)] / 1e3:>14.1f}" for d in args.depths))
-    if args.json:
+    if args.json or args.json_file:
         rows = [{"bytes": c, "depth": d, "threads": args.threads if d == 0 else 1, "reads_per_s": best[(c, d)],
                  "gbps": best[(c, d)] * c / 1e9} for c in args.sizes for d in args.depths]
-        write_json({"file": str(path), "rows": rows}, args.json)
+        write_json({"file": str(path), "rows": rows}, stdout=args.json, path=args.json_file)
     return 0
 
 

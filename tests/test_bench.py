@@ -25,9 +25,9 @@ def _cli(*argv) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def demo_bench(tmp_path_factory):
-    """One default benchmark of the demo model (the model argument, plus --json to parse)."""
+    """One default benchmark of the demo model (-m, plus --json-file to parse)."""
     path = tmp_path_factory.mktemp("bench") / "results.json"
-    rc, out, err = _cli("bench", str(DEMO_MODEL), "--json", str(path))
+    rc, out, err = _cli("bench", "-m", str(DEMO_MODEL), "--json-file", str(path))
     assert rc == 0, err
     return out, json.loads(path.read_text())
 

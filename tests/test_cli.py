@@ -61,7 +61,7 @@ def test_one_meaning_per_flag(path):
         assert opts["-m"] is opts["--model"]                     # the model folder is -m everywhere
     if "--json" in opts:
         a = opts["--json"]
-        assert a.nargs == 0 or a.const == "-"                    # a bare --json: JSON on stdout
+        assert a.nargs == 0                                      # --json: JSON on stdout, never a file
     if "--threads" in opts and opts["--threads"].help != argparse.SUPPRESS:
         assert opts["-t"] is opts["--threads"] and "compute" in opts["--threads"].help
     if "--io-threads" in opts:
@@ -71,7 +71,7 @@ def test_one_meaning_per_flag(path):
     if "--verify" in opts:
         assert tuple(opts["--verify"].choices) == options.VERIFY_MODES and opts["--verify"].const == "full"
     for flag, enum in (("--mode", options.MODES), ("--backend", options.BACKENDS),
-                       ("--activations", options.MATMUL_ACTIVATIONS), ("--quant", options.EXPORT_QUANTS),
+                       ("--activations", options.MATMUL_ACTIVATIONS), ("--quant", options.WEIGHT_QUANTS),
                        ("--expert-low", options.EXPERT_LOW_QUANTS)):
         if flag in opts:
             assert tuple(opts[flag].choices) == enum, flag
@@ -103,13 +103,11 @@ def test_bench_short_flags_and_model_spellings():
     parse = build_parser().parse_args
     new = parse(["bench", "-m", "M", "-p", "64", "-n", "16", "-r", "2", "-t", "1", "--json"])
     assert (new.model, new.prompt_tokens, new.max_new_tokens, new.runs, new.threads, new.json) == (
-        "M", 64, 16, 2, 1, "-")
+        "M", 64, 16, 2, 1, True)
     from edgeinfer.cli.args import model_of
-    from edgeinfer.cli.bench import json_targets
-    old = parse(["bench", "M", "--prompt-tokens", "64", "--new-tokens", "16", "--runs", "2", "--json", "r.json"])
+    old = parse(["bench", "M", "--prompt-tokens", "64", "--new-tokens", "16", "--runs", "2", "--json-file", "r.json"])
     assert model_of(old) == "M" and (old.prompt_tokens, old.max_new_tokens, old.runs) == (64, 16, 2)
-    assert json_targets(old) == (False, "r.json") and json_targets(new) == (True, None)
-    assert json_targets(parse(["bench", "--json-file", "r.json"])) == (False, "r.json")
+    assert (old.json, old.json_file, new.json, new.json_file) == (False, "r.json", True, None)
     from edgeinfer.errors import InvalidArgumentError
     with pytest.raises(InvalidArgumentError, match="two model folders"):
         model_of(parse(["bench", "A", "-m", "B"]))

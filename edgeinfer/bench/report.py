@@ -19,13 +19,13 @@ from edgeinfer.units import fmt_bytes
 SCHEMA = 1
 
 
-def write_json(data, dest: str) -> None:
-    """Benchmarks' --json: the numbers as JSON to the file `dest`, or to stdout for "-"."""
+def write_json(data, *, stdout: bool = False, path: str | None = None) -> None:
+    """--json (stdout) and --json-file FILE (edgeinfer.cli.args.add_json): the numbers as JSON."""
     text = json.dumps(data, indent=1, default=str)
-    if dest == "-":
+    if stdout:
         print(text)
-    else:
-        with open(dest, "w") as f:
+    if path:
+        with open(path, "w") as f:
             f.write(text + "\n")
 
 

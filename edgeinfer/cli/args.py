@@ -1,6 +1,6 @@
 """The flags several subcommands share, defined once so that one flag means one thing
 everywhere: -m/--model the model folder, -t/--threads compute threads (--io-threads
-for reads), --json JSON on stdout, -n/--max-new-tokens the tokens to generate,
+for reads), --json JSON on stdout (--json-file FILE writes a file), -n/--max-new-tokens the tokens to generate,
 --verify a checksum mode from VERIFY_MODES."""
 from __future__ import annotations
 
@@ -33,8 +33,11 @@ def add_threads(p: argparse.ArgumentParser) -> None:
                    help="compute threads (default: all cores)")
 
 
-def add_json(p: argparse.ArgumentParser, what: str = "the output") -> None:
+def add_json(p: argparse.ArgumentParser, what: str = "the output", *, file: bool = False) -> None:
+    """--json prints JSON on stdout; with file=True also --json-file FILE (writes FILE)."""
     p.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout")
+    if file:
+        p.add_argument("--json-file", default=None, metavar="FILE", help=f"also write {what} as JSON to FILE")
 
 
 def add_max_new_tokens(p: argparse.ArgumentParser, default: int, what: str) -> None:

@@ -3,18 +3,19 @@ edgeinfer bench synthetic -o DIR --shape 7b-like --layers 2"""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from edgeinfer.bench.report import write_json
 from edgeinfer.bench.runner import BenchConfig
 from edgeinfer.cli.args import (
     LEGACY_MODEL,
+    add_json,
     add_max_new_tokens,
     add_model,
     add_threads,
     model_of,
 )
-from edgeinfer.runtime.options import EXPORT_QUANTS, MATMUL_ACTIVATIONS
+from edgeinfer.runtime.options import MATMUL_ACTIVATIONS, WEIGHT_QUANTS
 
 EPILOG = """\
 examples:
@@ -67,12 +68,7 @@ def register(sub) -> None:
                    help="activations of the int4/int8 matmuls (default: the runtime's, float32); see generate")
     p.add_argument("--in-process", action="store_true",
                    help="run every mode in this process (peak RSS then covers all modes loaded)")
-    # A bare --json means JSON on stdout, as in every subcommand; the optional FILE keeps
-    # `bench MODEL --json results.json` working (the same as --json-file results.json).
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
-                   help="print every number as JSON on stdout (the table then goes to stderr); "
-                        "--json FILE is --json-file FILE")
-    p.add_argument("--json-file", default=None, metavar="FILE", help="also write every number as JSON to FILE")
+    add_json(p, "every number", file=True)
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="write a latency breakdown plot (needs matplotlib: pip install 'edgeinfer[bench]')")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -88,26 +84,13 @@ def register(sub) -> None:
     g.add_argument("--shape", default="7b-like", choices=sorted(SHAPES), help="preset shape (default 7b-like)")
     g.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     g.add_argument("--ffn", type=int, default=None, help="override the preset's FFN width")
-    g.add_argument("--quant", default="int4", choices=EXPORT_QUANTS, help="export precision (default int4)")
+    g.add_argument("--quant", default="int4", choices=WEIGHT_QUANTS, help="export precision (default int4)")
     g.add_argument("--calibration-tokens", type=int, default=4096,
                    help="tokens the exporter trains the predictors on (default 4096)")
     g.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     g.add_argument("--checkpoint-only", action="store_true", help="write the checkpoint, do not export it")
     g.add_argument("--force", action="store_true", help="replace existing output folders")
     p.set_defaults(handler=run)
-
-
-def json_targets(args) -> tuple[bool, str | None]:
-    """(JSON on stdout?, JSON file or None) from --json, --json-file and the file form --json FILE."""
-    from edgeinfer.errors import InvalidArgumentError
-    to_stdout = args.json == "-"
-    path = args.json_file
-    if args.json not in (None, "-"):
-        if path is not None and path != args.json:
-            raise InvalidArgumentError(f"two JSON files given (--json {args.json}, --json-file {path}): "
-                                       "give one, with --json-file")
-        path = args.json
-    return to_stdout, path
 
 
 def run(args) -> int:
@@ -120,7 +103,7 @@ def run(args) -> int:
         raise EdgeInferError("-o/--output is for `edgeinfer bench synthetic`; a benchmark writes --json-file / "
                              "--plot")
     model = model_of(args)
-    to_stdout, json_file = json_targets(args)
+    to_stdout, json_file = args.json, args.json_file
     from edgeinfer.bench import run_bench
     from edgeinfer.bench.report import format_table
     modes = None
@@ -140,12 +123,10 @@ def run(args) -> int:
                       isolate=not args.in_process, progress=not args.quiet)
     res = run_bench(cfg)
     text = format_table(res)
-    if to_stdout:
-        print(json.dumps(res, indent=1, default=str))
+    write_json(res, stdout=to_stdout)
     print(text, file=sys.stderr if to_stdout else sys.stdout)
     if json_file:
-        with open(json_file, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        write_json(res, path=json_file)
         print(f"wrote {json_file}", file=sys.stderr if to_stdout else sys.stdout)
     if args.plot:
         from edgeinfer.bench.plot import plot_latency

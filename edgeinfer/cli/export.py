@@ -1,7 +1,7 @@
 """edgeinfer export CHECKPOINT -o MODEL_DIR --quant int4"""
 from __future__ import annotations
 
-from edgeinfer.runtime.options import EXPERT_LOW_QUANTS, EXPORT_QUANTS
+from edgeinfer.runtime.options import EXPERT_LOW_QUANTS, WEIGHT_QUANTS
 
 
 def register(sub) -> None:
@@ -12,7 +12,7 @@ def register(sub) -> None:
                                    "pip install 'edgeinfer[export]'.")
     p.add_argument("checkpoint", help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
-    p.add_argument("--quant", default="int4", choices=EXPORT_QUANTS,
+    p.add_argument("--quant", default="int4", choices=WEIGHT_QUANTS,
                    help="weight precision of the linear layers (default int4; embeddings/lm_head stay int8)")
     p.add_argument("--expert-low", choices=EXPERT_LOW_QUANTS, default=None,
                    help="MoE models: also store each expert at this lower precision, nested in the high one, "

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, fields
 
 from edgeinfer.errors import InvalidArgumentError
+from edgeinfer.format import quant
 
 # How a model runs (RuntimeOptions.mode):
 #   auto       resident if the model fits the budget, else streaming
@@ -31,10 +32,10 @@ EXPERT_POLICIES = ("lru", "hobbit")
 #            then use). Where the host or a node's layout has no int8 path, those nodes
 #            keep float32 with a warning (edgeinfer.errors.ActivationsWarning).
 MATMUL_ACTIVATIONS = ("float32", "int8")
-# Weight precision of an export (edgeinfer export --quant), and of the low-precision
-# expert copies (--expert-low, HOBBIT).
-EXPORT_QUANTS = ("f16", "int8", "int4")
-EXPERT_LOW_QUANTS = ("int4", "int2")
+# Weight precision of an export (edgeinfer export --quant) and of the low-precision expert
+# copies (--expert-low, HOBBIT) are the format's to define; offered here with the rest.
+WEIGHT_QUANTS = quant.WEIGHT_QUANTS
+EXPERT_LOW_QUANTS = quant.EXPERT_LOW_QUANTS
 
 
 @dataclass(frozen=True)

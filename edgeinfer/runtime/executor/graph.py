@@ -93,7 +93,7 @@ def _check_config(manifest: Manifest, g, nodes: list[Node], path) -> None:
                          head_dim=n.attrs.get("head_dim"))
         elif n.op_type == "BundledFFN":
             facts.update(hidden_size=n.attrs.get("hidden"), ffn_dim=n.attrs.get("ffn"))
-    for field, actual in facts.items():
-        if actual is not None and getattr(c, field, actual) != actual:
-            raise ModelFormatError(f"{manifest.folder}: manifest config {field}={getattr(c, field)!r} does not match "
+    for key, actual in facts.items():
+        if actual is not None and getattr(c, key, actual) != actual:
+            raise ModelFormatError(f"{manifest.folder}: manifest config {key}={getattr(c, key)!r} does not match "
                                    f"{path.name} ({actual}); the manifest was edited or belongs to another export")
