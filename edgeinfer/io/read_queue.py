@@ -16,12 +16,14 @@ from collections.abc import Callable
 
 
 class PendingRead:
-    """A read queued on the ReadQueue. `undo` (optional) runs when the read fails or the
-    wait for it is interrupted: it returns the slots reserved for the read, so a window or
-    cache never says it holds records that did not arrive."""
+    """A read queued on the ReadQueue. `undo(future)` (optional) runs when the read fails
+    or the wait for it is interrupted, once the read has ended: it gives back what the read
+    reserved or pinned, so a window or cache never says it holds records that did not
+    arrive, nor keeps pins for a call that will not use them."""
     __slots__ = ("future", "undo")
 
-    def __init__(self, future: concurrent.futures.Future, undo: Callable[[], None] | None):
+    def __init__(self, future: concurrent.futures.Future,
+                 undo: Callable[[concurrent.futures.Future], None] | None):
         self.future = future
         self.undo = undo
 
@@ -33,7 +35,7 @@ class PendingRead:
         except BaseException:
             concurrent.futures.wait([self.future])
             if self.undo is not None:
-                self.undo()
+                self.undo(self.future)
             raise
 
 
@@ -45,7 +47,7 @@ class ReadQueue:
         # a model dropped without close() still lets its thread end
         self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=False)
 
-    def submit(self, fn, *args, undo: Callable[[], None] | None = None) -> PendingRead:
+    def submit(self, fn, *args, undo: Callable[[concurrent.futures.Future], None] | None = None) -> PendingRead:
         """Run fn(*args) on the read thread after what is queued there."""
         return PendingRead(self._pool.submit(fn, *args), undo)
 

@@ -9,8 +9,6 @@ naive:     the baseline of LLM in a flash: read the layer's whole FFN every toke
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from edgeinfer.errors import ModelFormatError
@@ -145,7 +143,7 @@ def _windowed(node, const, ctx):
         """Reserve slots for `neurons` and queue their read; a failed or interrupted read
         gives the slots back, so the window never holds records that did not arrive."""
         slots = window.reserve(neurons)
-        return ctx.reads.submit(read, neurons, slots, undo=functools.partial(window.unreserve, neurons))
+        return ctx.reads.submit(read, neurons, slots, undo=lambda _: window.unreserve(neurons))
 
     def ffn_over(x, part):
         return bundled_ffn(x, window.buf, lay, act, rows=window.slot_of[part], neuron_ids=part, up_bias=up_bias)

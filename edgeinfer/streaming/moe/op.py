@@ -212,6 +212,17 @@ class StreamedMoE:
             requests.append((off, n))
             dests.append(at)
 
+    def _unpin(self, read) -> None:
+        """Undo of this layer's own read when the wait for it was interrupted: a read that
+        ended well pinned its entries for a call that will not run them (a failed read
+        undid its reservations in _load)."""
+        if read.cancelled() or read.exception() is not None:
+            return
+        entries, _ = read.result()
+        with self.cache.lock:
+            for ent in entries:
+                self.cache.release(ent)
+
     def _verify(self, entry, off: int, n: int) -> None:
         """Check the stages of entry's record (format.experts stages) that the read of n
         bytes at file offset `off` covered."""
@@ -295,7 +306,7 @@ class StreamedMoE:
                         rest.append((e, prec))
             job = None
             if rest and not self.naive:          # FIFO behind this layer's prefetch, ahead of the next one
-                job = rt.reads.submit(self._load, rest)
+                job = rt.reads.submit(self._load, rest, undo=self._unpin)
             if start == 0 and self.prefetch:
                 self._start_prefetch(x)
             entries, fresh = [], []
