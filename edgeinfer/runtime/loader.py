@@ -12,8 +12,8 @@ from edgeinfer.runtime.model import Model
 from edgeinfer.runtime.options import BACKENDS, RuntimeOptions
 from edgeinfer.runtime.stats import RuntimeStats
 from edgeinfer.runtime.tokenizer import Tokenizer
-from edgeinfer.streaming.registry import STREAMED_OPS
 from edgeinfer.streaming.plan import plan_memory
+from edgeinfer.streaming.registry import STREAMED_OPS
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo"
 
