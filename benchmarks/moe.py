@@ -121,7 +121,7 @@ def measure(folder: Path, args, synthetic) -> dict:
                                     io_threads=args.io_threads, io_depth=args.io_depth, **opts)
               for label, opts in specs.items()}
     some = next(iter(models.values()))
-    direct = {f.read_mode for f in some.plan.context.files.values() if hasattr(f, "read_mode")}
+    direct = {f.read_mode for f in some.plan.streamed_files().values()}
     results = {k: {"times": [], "stats": [], "counts": [], "round_ms": []} for k in models}
     for r in range(args.rounds):
         order = list(models)[r % len(models):] + list(models)[:r % len(models)]

@@ -133,7 +133,7 @@ def test_hybrid_streams_the_ffn_in_numba(name, exported):
 
 def test_partition_shapes_the_segments(exported):
     from edgeinfer.runtime.executor.partition import assign, partition
-    from edgeinfer.streaming.plan import PLUGINS
+    from edgeinfer.streaming.registry import STREAMED_OPS
 
     model = edgeinfer.load(_folder(exported, "llama-relu-8m", "int4"))
     graph, layers = model.executor.graph, model.config.num_layers
@@ -141,7 +141,7 @@ def test_partition_shapes_the_segments(exported):
     (whole,) = partition(graph, assign(graph, "ort"))
     assert whole.inputs[:2] == ["input_ids", "position_ids"] and "logits" in whole.host_outputs
     assert {f"present.{i}.key" for i in range(layers)} <= set(whole.outputs)
-    hybrid = partition(graph, assign(graph, "hybrid", numba_ops=PLUGINS))
+    hybrid = partition(graph, assign(graph, "hybrid", numba_ops=STREAMED_OPS))
     assert [s.backend for s in hybrid] == [ORT, NUMBA] * layers + [ORT]
     for ort_seg, ffn in zip(hybrid[0::2], hybrid[1::2]):
         (x,) = [i for i in graph.nodes[ffn.nodes[0]].inputs[:1]]

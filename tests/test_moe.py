@@ -401,6 +401,38 @@ def test_corrupted_expert_stage_is_caught_when_read(mixtral_mixed, tmp_path):
         _stepwise(high, ids)
 
 
+def test_ctrl_c_while_waiting_for_a_layers_read_leaves_no_expert_pinned(mixtral_mixed, monkeypatch):
+    """A Ctrl-C that ends the wait for a layer's own read (the read itself completed) must
+    not leave the experts it pinned for that call pinned: pinned entries are never
+    evicted, so each interrupt would shrink the cache for good."""
+    import concurrent.futures
+    import threading
+
+    resident = edgeinfer.load(mixtral_mixed, threads=THREADS)
+    model = edgeinfer.load(mixtral_mixed, memory_budget="50%", expert_low_threshold=0.0, prefetch=False,
+                           threads=THREADS)
+    ids = resident.tokenizer.encode(PROMPTS[1])
+    real = concurrent.futures.Future.result
+    calls = {"n": 0}
+
+    def interrupted(self, timeout=None):
+        out = real(self, timeout)
+        if threading.current_thread() is threading.main_thread():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(concurrent.futures.Future, "result", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _stepwise(model, ids)
+    monkeypatch.setattr(concurrent.futures.Future, "result", real)
+    layers = runtime_of(model).layers.values()
+    assert calls["n"] >= 3 and sum(len(layer.cache.entries) for layer in layers) > 0
+    assert [(layer.layer, e) for layer in layers for e, ent in layer.cache.entries.items() if ent.pins] == []
+    np.testing.assert_allclose(_stepwise(model, ids), resident.logits(ids), atol=1e-4, rtol=0)
+
+
 def test_qwen2_moe_streams_with_its_shared_expert(qwen2_moe):
     _, folder = qwen2_moe
     resident = edgeinfer.load(folder, threads=THREADS)

@@ -35,7 +35,7 @@ def streamed_folder(exported):
 
 
 def _ffn_files(model):
-    return [f for key, f in model.plan.context.files.items() if isinstance(key, str)]
+    return list(model.plan.streamed_files().values())
 
 
 def test_eio_while_streaming_stops_generation_and_model_recovers(streamed_folder):

@@ -444,3 +444,69 @@ def test_native_builds_into_cache_keyed_by_source(tmp_path):
     fast.copy_batch(np.array([src.ctypes.data + 10], np.uint64),
                     np.array([dst.ctypes.data], np.uint64), np.array([5], np.int64))
     assert dst[:5].tolist() == [10, 11, 12, 13, 14] and dst[5:].sum() == 0
+
+
+# ---- verified records and the read queue ---------------------------------------------------
+def test_verified_records_check_each_record_once_and_name_the_bad_one():
+    from edgeinfer.errors import ChecksumError
+    from edgeinfer.io.records import VerifiedRecords
+    rows = np.arange(4 * 8, dtype=np.uint8).reshape(4, 8)       # slot k holds record 3 - k
+    crcs = np.array([zlib.crc32(rows[3 - r]) for r in range(4)], dtype=np.uint32)
+    v = VerifiedRecords(crcs, path="ffn.bin", tensor="t", kind="neuron", base=100, record_bytes=8)
+    v.check_whole(rows, np.array([0, 1]), np.array([3, 2]))
+    assert v.checked[:, 0].tolist() == [False, False, True, True]
+    rows[0, 0] ^= 1                                             # record 3 was checked: not hashed again
+    v.check_whole(rows, np.array([0]), np.array([3]))
+    rows[3, 0] ^= 1
+    with pytest.raises(ChecksumError, match=r"ffn.bin: checksum mismatch in neuron 0 of t at offset 100 \(8 bytes\)"):
+        v.check_whole(rows, np.array([3]), np.array([0]))
+    assert not v.checked[0, 0]
+
+
+def test_verified_records_check_only_the_stages_a_read_covered():
+    from edgeinfer.errors import ChecksumError
+    from edgeinfer.io.records import VerifiedRecords
+    rec = np.arange(12, dtype=np.uint8)                         # stages [0, 4) and [4, 12)
+    crcs = np.array([[zlib.crc32(rec[:4]), zlib.crc32(rec[4:])]], dtype=np.uint32)
+    v = VerifiedRecords(crcs, path="e.bin", tensor="x", kind="expert", base=0, record_bytes=12, stages=(0, 4))
+    bad = rec.copy()
+    bad[6] ^= 1
+    v.check_range(bad, 0, 0, 0, 4)                              # read the prefix only: stage 1 untouched
+    assert v.checked[0].tolist() == [True, False]
+    with pytest.raises(ChecksumError, match=r"e.bin: checksum mismatch in expert 0 of x \(stage 1, offset 4"):
+        v.check_range(bad, 0, 0, 4, 8)
+
+
+def test_read_queue_undoes_a_failed_read_after_it_ended():
+    from edgeinfer.io.read_queue import ReadQueue
+    q = ReadQueue()
+    events = []
+
+    def read():
+        events.append("read")
+        raise StorageError("boom")
+
+    pending = q.submit(read, undo=lambda fut: events.append(("undo", fut.done())))
+    with pytest.raises(StorageError, match="boom"):
+        pending.wait()
+    assert events == ["read", ("undo", True)]
+    assert q.submit(lambda: 7).wait() == 7
+    q.close()
+
+
+def test_read_queue_runs_one_prefetch_per_key_and_relays_its_error():
+    from edgeinfer.io.read_queue import ReadQueue
+    q = ReadQueue()
+    gate = threading.Event()
+    assert q.prefetch(1, gate.wait)
+    assert not q.prefetch(1, gate.wait)          # still in flight
+    q.collect(1)                                 # not done: goes on
+    gate.set()
+    assert q.wait(1) >= 0.0
+    def failing():
+        raise StorageError("bad prefetch")
+
+    assert q.prefetch(2, failing)
+    with pytest.raises(StorageError, match="bad prefetch"):
+        q.wait(2)
+    q.close()

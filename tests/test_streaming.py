@@ -171,3 +171,72 @@ def test_cli_generate_with_budget(exported, capsys):
     assert main(["generate", "The king said", "-m", str(folder), "--memory-budget",
                  str(ffn_budget(folder, 0.5)), "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("The king said")
+
+
+# ---- the memory plan and the streamed-op interface ----------------------------------------
+def _plan(folder, budget, **options):
+    from edgeinfer.format.manifest import read_manifest
+    from edgeinfer.runtime.executor import load_graph
+    from edgeinfer.runtime.options import RuntimeOptions
+    from edgeinfer.runtime.stats import RuntimeStats
+    from edgeinfer.streaming.plan import plan_memory
+    manifest = read_manifest(folder)
+    return plan_memory(manifest, load_graph(manifest), budget, RuntimeOptions(**options), RuntimeStats())
+
+
+def test_split_budget_follows_demand_and_gives_what_a_capped_node_cannot_use_to_the_others():
+    from edgeinfer.streaming.budget import split_budget
+    assert split_budget(0, [10, 20], [None, None]) == [10, 20]
+    assert split_budget(300, [0, 0, 0], [(1.0, 1000), (2.0, 1000), None]) == [66, 133, 100]   # None: the mean
+    # node 0 can use 50 bytes beyond its minimum; the rest of its part goes to node 1
+    assert split_budget(300, [10, 10], [(100.0, 60), (100.0, 10_000)]) == [60, 260]
+
+
+def test_streamed_op_interface_says_what_is_required_and_the_defaults():
+    from edgeinfer.runtime.executor.graph import Node
+    from edgeinfer.streaming.base import StreamedOp
+    from edgeinfer.streaming.registry import STREAMED_OPS
+
+    class OnlyMinimum(StreamedOp):
+        def minimum_bytes(self, node, manifest, options, mode):
+            return 1
+
+    with pytest.raises(TypeError, match="build"):
+        OnlyMinimum()
+
+    class Minimal(OnlyMinimum):
+        def build(self, node, const, ctx):
+            return None
+
+    node = Node(name="n", op_type="X", domain="d", inputs=["x", "w", "b"], outputs=["y"], attrs={})
+    assert Minimal().demand(node, None, "streaming") is None and Minimal().streamed_inputs(node) == ["w"]
+    assert STREAMED_OPS and all(issubclass(cls, StreamedOp) for cls in STREAMED_OPS.values())
+
+
+def test_plan_logs_what_streams_and_why_at_debug(exported, caplog):
+    import logging
+    folder = exported("llama-relu-8m", "int8", predictors=True)
+    with caplog.at_level(logging.DEBUG, logger="edgeinfer.streaming.plan"):
+        plan = _plan(folder, ffn_budget(folder, 0.3))
+    plan.close()
+    text = caplog.text
+    assert plan.mode == "streaming" and "ffn.bin" in text
+    for node in plan.streamed:
+        assert f"{node.name} (BundledFFN): share " in text
+    assert "per token, at most" in text            # the predictor statistics drove the split
+
+
+def test_stream_context_shares_scratch_and_closes_what_it_opened(exported):
+    folder = exported("opt-relu-7m", "int8", predictors=True)
+    model = edgeinfer.load(folder, memory_budget=ffn_budget(folder, 0.5), mode="naive")
+    plan = model.plan
+    layer_bytes = max(e.nbytes for e in model.manifest.tensors.values() if e.name.endswith(".ffn.bundle"))
+    assert plan.scratch_bytes == layer_bytes            # one buffer, shared by every layer
+    assert plan.moe_runtime is None
+    files = plan.streamed_files()
+    assert list(files) == ["ffn.bin"] and not files["ffn.bin"].closed
+    model.generate("The king said", max_new_tokens=2)
+    model.close()
+    assert files["ffn.bin"].closed
+    with pytest.raises(RuntimeError):            # the read queue's thread has ended
+        plan.context.reads.submit(print)

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -103,15 +102,12 @@ def prompt_ids(tokenizer, n: int, vocab: int) -> list[int]:
 
 def mode_availability(manifest, graph, mode: str) -> str | None:
     """None if `mode` can run on this model folder, else the reason it cannot."""
-    from edgeinfer.streaming.plan import PLUGINS
+    from edgeinfer.streaming.registry import STREAMED_OPS
     if mode == "resident":
         return None
-    nodes = [n for n in graph.nodes if n.key in PLUGINS]
+    nodes = [n for n in graph.nodes if n.key in STREAMED_OPS]
     if not nodes:
         return "this export has no streamable FFN or experts (export with bundles)"
-    for module in sorted({PLUGINS[n.key] for n in nodes}):
-        if find_spec(module) is None:
-            return f"{module} is not in this build"
     if mode == "streaming" and any(n.op_type == "BundledFFN" and (len(n.inputs) < 5 or not n.inputs[4])
                                    for n in nodes):
         return "the model has no sparsity predictors (export with --predictors)"
@@ -122,8 +118,8 @@ def check_budget(manifest, graph, mode: str, budget, options: dict) -> None:
     """Raise BudgetError now (one clear line) if `budget` cannot hold the resident part."""
     from edgeinfer.runtime.options import RuntimeOptions
     from edgeinfer.runtime.stats import RuntimeStats
-    from edgeinfer.streaming.plan import make_plan
-    make_plan(manifest, graph, budget, RuntimeOptions(mode=mode, **options), RuntimeStats())
+    from edgeinfer.streaming.plan import plan_memory
+    plan_memory(manifest, graph, budget, RuntimeOptions(mode=mode, **options), RuntimeStats()).close()
 
 
 # -- the benchmark ------------------------------------------------------------------------
@@ -219,8 +215,9 @@ def naive_minimum(manifest, graph, options: dict) -> tuple[int, int]:
     """(naive mode's minimum budget, the resident weights within it)."""
     from edgeinfer.runtime.options import RuntimeOptions
     from edgeinfer.runtime.stats import RuntimeStats
-    from edgeinfer.streaming.plan import make_plan
-    plan = make_plan(manifest, graph, None, RuntimeOptions(mode="naive", **options), RuntimeStats())
+    from edgeinfer.streaming.plan import plan_memory
+    plan = plan_memory(manifest, graph, None, RuntimeOptions(mode="naive", **options), RuntimeStats())
+    plan.close()
     return plan.minimum_bytes, sum(manifest.files[f]["size"] for f in plan.resident_files)
 
 

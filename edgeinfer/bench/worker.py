@@ -112,12 +112,9 @@ class Session:
                 if nbytes is not None:
                     buffers += int(nbytes() if callable(nbytes) else nbytes)
         files = {}
-        if plan is not None and plan.context is not None:
-            for key, f in plan.context.files.items():
-                if isinstance(f, np.ndarray):
-                    buffers += f.nbytes                    # e.g. naive mode's scratch buffer
-                elif hasattr(f, "read_mode"):
-                    files[str(key)] = f.read_mode
+        if plan is not None:
+            buffers += plan.scratch_bytes                  # e.g. naive mode's scratch buffer
+            files = {rel: f.read_mode for rel, f in plan.streamed_files().items()}
         import numba
         return {"mode": m.mode, "budget": plan.budget if plan else None,
                 "minimum_bytes": plan.minimum_bytes if plan else None,
@@ -173,13 +170,7 @@ class Session:
                 "counters": counters, "kv_bytes": cache.nbytes}
 
     def close(self) -> None:
-        # Close the streamed weight files (the plan's context also holds plain buffers,
-        # e.g. naive mode's scratch, which have nothing to close).
-        plan = self.model.plan
-        if plan is not None and plan.context is not None:
-            for f in plan.context.files.values():
-                if hasattr(f, "close"):
-                    f.close()
+        self.model.close()      # the streamed weight files and the read queue's thread
 
 
 def _relay(exc: BaseException) -> tuple:

@@ -18,7 +18,8 @@ from edgeinfer.runtime.options import (
 )
 from edgeinfer.runtime.stats import RuntimeStats
 from edgeinfer.runtime.tokenizer import Tokenizer
-from edgeinfer.streaming.plan import make_plan
+from edgeinfer.streaming.plan import plan_memory
+from edgeinfer.streaming.registry import STREAMED_OPS
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo"
 
@@ -67,7 +68,7 @@ def load(path: str | os.PathLike | None = None, *, memory_budget=None, backend: 
     tokenizer = Tokenizer(manifest.path(manifest.tokenizer))
     graph = load_graph(manifest)
     stats = RuntimeStats()
-    plan = make_plan(manifest, graph, memory_budget, opts, stats)
+    plan = plan_memory(manifest, graph, memory_budget, opts, stats)
     weights = ResidentWeights(manifest, plan.resident_files, verify=verify)
 
     def const(name):
@@ -77,9 +78,8 @@ def load(path: str | os.PathLike | None = None, *, memory_budget=None, backend: 
     if backend != "numba":
         from edgeinfer.runtime.executor.ort_backend import build_segments
         from edgeinfer.runtime.executor.providers import resolve_providers
-        from edgeinfer.streaming.plan import PLUGINS
         segments = build_segments(graph, manifest, const, backend=backend, plan=plan, threads=threads,
-                                  providers=resolve_providers(providers, profile), numba_ops=PLUGINS,
+                                  providers=resolve_providers(providers, profile), numba_ops=STREAMED_OPS,
                                   activations=opts.activations)
     executor = Executor(graph, const, overrides=plan.overrides(const), segments=segments, options=opts)
     return Model(manifest, executor, tokenizer, resident_bytes=weights.nbytes, plan=plan, stats=stats)

@@ -8,7 +8,7 @@ stay single kernel calls. The cut points are where tensors cross backends.
   numba   every node in Numba (the default on CPU)
   ort     every node in onnxruntime: custom ops run through their ONNX function
           bodies, MatMulNBits through onnxruntime's own kernels
-  hybrid  the streamable ops (BundledFFN, MoE: the plan's plugins) in Numba, where
+  hybrid  the streamable ops (BundledFFN, MoE: edgeinfer.streaming.registry) in Numba, where
           the neuron window and expert cache live; the rest (attention, norms,
           projections, head) in onnxruntime, e.g. on a GPU (PowerInfer's split of
           hot and cold work between devices)

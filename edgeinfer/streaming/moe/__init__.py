@@ -1,3 +1,4 @@
-"""MoE expert offloading (HOBBIT-style): expert records (layout), the per-layer expert cache
-and its eviction policies (expert_cache), next-layer prefetch (prefetch), the streaming op
-(streaming) and the resident op (op), with their kernels."""
+"""MoE expert offloading (HOBBIT-style): the per-layer expert cache and its eviction
+policies (expert_cache), routing (router), the streamed op with next-layer prefetch (op)
+and the resident op (resident). Record layouts are in edgeinfer.format.experts, kernels
+in edgeinfer.kernels.experts."""

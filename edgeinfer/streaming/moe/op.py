@@ -1,13 +1,19 @@
-"""Streaming MoE (the plan plugin for edgeinfer.MoE): experts come from experts.bin
-through each layer's expert cache under the memory budget.
+"""The streamed MoE op: experts come from experts.bin through each layer's expert cache
+under the memory budget.
 
 Per layer call: route; pin the cached experts and queue the reads of the missing ones,
-as one batch, on the prefetch thread, behind this layer's own prefetch (HOBBIT's
+as one batch, on the model's read queue, behind this layer's own prefetch (HOBBIT's
 token-level dynamic expert loading: a miss whose gate weight is below
 `expert_low_threshold` reads the low-precision copy; a cached high copy is always used);
-queue the next layer's prefetch (prefetch.py); run the cached experts while the reads
-go on, then the rest. Every read lands in a pinned, not yet ready slot; the cache's
-bookkeeping is under its lock, so the reads run outside it.
+queue the next layer's prefetch; run the cached experts while the reads go on, then the
+rest. Every read lands in a pinned, not yet ready slot; the cache's bookkeeping is under
+its lock, so the reads run outside it.
+
+Layer-level prefetch (after HOBBIT's layer-level expert prefetching): while layer L
+computes, layer L+1's router applied to L's hidden state guesses L+1's experts, and
+their reads are queued. The residual stream changes little from one layer to the next,
+so the guess is usually right; a wrong guess costs a read, never a wrong result (layer
+L+1 routes for itself).
 
 Modes: "streaming" (and "oracle": routing is exact anyway) use the options as given;
 "naive" is the no-reuse baseline: room for one token's experts, each read at full
@@ -16,51 +22,54 @@ precision every time it is needed, no prefetch.
 from __future__ import annotations
 
 import threading
-import time
-import zlib
 from collections import Counter
 
 import numpy as np
 
-from edgeinfer.errors import BudgetError, ChecksumError
+from edgeinfer.errors import BudgetError
 from edgeinfer.format.experts import HIGH, LOW, ExpertLayout
+from edgeinfer.io.read_queue import OverlapTimer, ReadQueue
+from edgeinfer.io.records import VerifiedRecords
 from edgeinfer.kernels.experts import add_expert
+from edgeinfer.streaming.base import StreamedOp
 from edgeinfer.streaming.moe.expert_cache import ExpertCache, block_geometry
-from edgeinfer.streaming.moe.prefetch import Prefetcher
 from edgeinfer.streaming.moe.resident import MoENode
 from edgeinfer.streaming.moe.router import tokens_by_expert
 
 
-def minimum_bytes(node, manifest, options, mode) -> int:
+def _minimum_bytes(node) -> int:
     """Room for one token's experts at full precision."""
     return int(node.attrs["top_k"]) * block_geometry(ExpertLayout.from_attrs(node.attrs))[2]
 
 
-def streamed_inputs(node) -> list[str]:
-    """The inputs read from flash: the expert records (the router and shared expert stay resident)."""
-    return [name for name in node.inputs[2:4] if name]
+class MoEStreaming(StreamedOp):
+    def minimum_bytes(self, node, manifest, options, mode) -> int:
+        return _minimum_bytes(node)
 
+    def streamed_inputs(self, node) -> list[str]:
+        """The expert records (the router and shared expert stay resident)."""
+        return [name for name in node.inputs[2:4] if name]
 
-def make(node, const, ctx):
-    return StreamedMoE(node, const, ctx)
-
-
-_KEY = ("moe-runtime",)     # where a model's MoERuntime lives in its StreamContext.files
+    def build(self, node, const, ctx):
+        return StreamedMoE(node, const, ctx)
 
 
 class MoERuntime:
-    """What the streamed MoE layers of one model share: their order, the prefetch thread,
-    and counters beyond RuntimeStats (experts run at low precision, prefetch reads)."""
+    """What the streamed MoE layers of one model share: their order, the read queue, and
+    counters beyond RuntimeStats (experts run at low precision, prefetch reads)."""
 
-    def __init__(self):
+    def __init__(self, reads: ReadQueue):
         self.layers: dict[int, StreamedMoE] = {}
-        self.prefetcher = Prefetcher()
+        self.reads = reads
         self.counts: Counter = Counter()
         self._lock = threading.Lock()
 
     @classmethod
-    def of(cls, ctx) -> "MoERuntime":
-        return ctx.files.setdefault(_KEY, cls())
+    def of(cls, ctx) -> MoERuntime:
+        """The runtime of ctx's model, made by its first MoE layer."""
+        if ctx.moe is None:
+            ctx.moe = cls(ctx.reads)
+        return ctx.moe
 
     def add(self, layer: "StreamedMoE") -> None:
         self.layers[layer.layer] = layer
@@ -83,8 +92,7 @@ class MoERuntime:
 
 def runtime_of(model) -> MoERuntime | None:
     """The MoE runtime of a loaded model (None when no MoE layer streams)."""
-    ctx = getattr(model.plan, "context", None)
-    return ctx.files.get(_KEY) if ctx is not None else None
+    return model.plan.moe_runtime if model.plan is not None else None
 
 
 class StreamedMoE:
@@ -99,20 +107,21 @@ class StreamedMoE:
         if layout.low_bits and not layout.low_nested:
             self.low_at = ctx.manifest.tensors[node.inputs[3]].offset
         opts = ctx.options
-        # tensor -> (crc32 [E, stages] of its records, which of them a read has matched).
-        # A stage is checked the first time it is read: corruption on flash persists, so a
-        # record that matched once is trusted (checking every re-read would cost a crc32
-        # pass, ~1 GB/s here, over every streamed byte).
-        self.crcs = {}
-        if opts.verify_reads:
-            for name in streamed_inputs(node):
-                if f"{name}.crc32" in ctx.manifest.tensors:
-                    crc = const(f"{name}.crc32")
-                    self.crcs[name] = (crc, np.zeros(crc.shape, bool))
         self.tensor_names = {HIGH: node.inputs[2], LOW: node.inputs[3] if self.low_at is not None else node.inputs[2]}
+        # tensor -> its crc32 per record stage, checked on a stage's first read
+        self.verified: dict[str, VerifiedRecords] = {}
+        if opts.verify_reads:
+            for prec, name in self.tensor_names.items():
+                if name in self.verified or f"{name}.crc32" not in ctx.manifest.tensors:
+                    continue                     # a nested low copy is the high record's prefix
+                fmt = layout.high if prec == HIGH else layout.low
+                self.verified[name] = VerifiedRecords(
+                    const(f"{name}.crc32"), path=self.file.path, tensor=name, kind="expert",
+                    base=self.high_at if prec == HIGH else self.low_at, record_bytes=fmt.record_bytes,
+                    stages=fmt.stage_offsets())
         self.naive = ctx.mode == "naive"
         top_k = self.moe.top_k
-        capacity = minimum_bytes(node, None, opts, ctx.mode) if self.naive else ctx.share
+        capacity = _minimum_bytes(node) if self.naive else ctx.share_of(node)
         self.cache = ExpertCache(layout, capacity, "lru" if self.naive else opts.expert_policy, min_blocks=top_k)
         self.threshold = 0.0 if self.naive or not layout.low_bits else float(opts.expert_low_threshold)
         self.prefetch = bool(opts.prefetch) and not self.naive
@@ -120,7 +129,7 @@ class StreamedMoE:
         self.runtime = MoERuntime.of(ctx)
         self.runtime.add(self)
         self.lock = threading.Lock()             # one call of this layer at a time
-        self.shared_lock = ctx.lock              # streamed layers run one at a time (plan.StreamContext)
+        self.shared_lock = ctx.lock              # streamed layers run one at a time (StreamContext.lock)
 
     # -- where an expert's bytes are --------------------------------------------------------
     def _range(self, expert: int, precision: str) -> tuple[int, int]:
@@ -203,30 +212,27 @@ class StreamedMoE:
             requests.append((off, n))
             dests.append(at)
 
-    def _verify(self, entry, off: int, n: int) -> None:
-        """Check the stages a read covered against their crc32 (edgeinfer/moe/layout.py stages)."""
-        name = self.tensor_names[entry.precision]
-        if name not in self.crcs:
+    def _unpin(self, read) -> None:
+        """Undo of this layer's own read when the wait for it was interrupted: a read that
+        ended well pinned its entries for a call that will not run them (a failed read
+        undid its reservations in _load)."""
+        if read.cancelled() or read.exception() is not None:
             return
-        crcs, checked = self.crcs[name]
-        L = self.layout
-        fmt = L.high if name == self.tensor_names[HIGH] else L.low
-        base = self.high_at if name == self.tensor_names[HIGH] else self.low_at
-        row = fmt.record_bytes
-        start = off - base - entry.expert * row            # where in the record the read began
-        at = self.cache.offset(entry)
-        bounds = fmt.stage_offsets() + [fmt.record_bytes]
-        for s, (a, z) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if a < start or z > start + n or checked[entry.expert, s]:
-                continue
-            if zlib.crc32(self.cache.buffer[at + a:at + z]) != crcs[entry.expert, s]:
-                raise ChecksumError(f"{self.file.path}: checksum mismatch in expert {entry.expert} of {name} (stage "
-                                    f"{s}, offset {base + entry.expert * row + a}): the file is corrupted; "
-                                    "re-export the model")
-            checked[entry.expert, s] = True
+        entries, _ = read.result()
+        with self.cache.lock:
+            for ent in entries:
+                self.cache.release(ent)
+
+    def _verify(self, entry, off: int, n: int) -> None:
+        """Check the stages of entry's record (format.experts stages) that the read of n
+        bytes at file offset `off` covered."""
+        v = self.verified.get(self.tensor_names[entry.precision])
+        if v is not None:
+            start = off - v.base - entry.expert * v.record_bytes      # where in the record the read began
+            v.check_range(self.cache.buffer, self.cache.offset(entry), entry.expert, start, n)
 
     def _prefetch_into(self, wants) -> None:
-        """Runs on the prefetch thread: read this layer's guessed experts into its cache.
+        """Runs on the read queue: read this layer's guessed experts into its cache.
         A guess finds no room while this layer's own call pins the cache: it is skipped."""
         try:
             entries, fresh = self._load(wants)
@@ -254,7 +260,7 @@ class StreamedMoE:
             return
         idx, w = nxt.moe.route(x[-1:])
         wants = [(int(e), nxt.precision(float(v))) for e, v in zip(idx[0], w[0])]
-        self.runtime.prefetcher.submit(nxt.layer, nxt._prefetch_into, wants)
+        self.runtime.reads.prefetch(nxt.layer, nxt._prefetch_into, wants)
 
     # -- the layer ------------------------------------------------------------------------
     def __call__(self, state, x, *_):
@@ -286,11 +292,10 @@ class StreamedMoE:
             wants.sort(key=lambda ew: cache.get(ew[0]) is None)
         y = np.zeros_like(x)
         hits = loaded = low_loaded = run_low = used_prefetch = 0
-        io_s = compute_s = 0.0
+        timer = OverlapTimer()
         step = cache.blocks
         for start in range(0, len(wants), step):
             chunk = wants[start:start + step]
-            t0 = time.perf_counter()
             ready, rest = [], []
             with cache.lock:                     # usable, ready copies: pinned now, run while the rest is read
                 for e, prec in chunk:
@@ -301,28 +306,28 @@ class StreamedMoE:
                         rest.append((e, prec))
             job = None
             if rest and not self.naive:          # FIFO behind this layer's prefetch, ahead of the next one
-                job = rt.prefetcher.run(self._load, rest)
+                job = rt.reads.submit(self._load, rest, undo=self._unpin)
             if start == 0 and self.prefetch:
                 self._start_prefetch(x)
             entries, fresh = [], []
             if rest and self.naive:
                 entries, fresh = self._load(rest)
-            t1 = time.perf_counter()
-            io_s += t1 - t0
+            timer.io()
             pinned = [ent for _, ent in ready]
             try:
                 try:
-                    compute_s += self._compute(x, y, groups, ready)
+                    self._compute(x, y, groups, ready)
                 finally:
+                    timer.compute()
                     if job is not None:          # wait for the read even when the above failed: its pins
-                        t2 = time.perf_counter()
                         try:
-                            entries, fresh = job.result()
+                            entries, fresh = job.wait()
                         finally:
-                            io_s += time.perf_counter() - t2
+                            timer.io()
                 pinned += entries
                 pairs = [(e, ent) for (e, _), ent in zip(rest, entries)]
-                compute_s += self._compute(x, y, groups, pairs)
+                self._compute(x, y, groups, pairs)
+                timer.compute()
             finally:
                 with cache.lock:
                     for ent in pinned:
@@ -337,20 +342,17 @@ class StreamedMoE:
             for _, ent in ready + pairs:
                 ent.prefetched = False
         if rt.next_layer(self.layer) is None:    # nothing reads after the last layer's call returns
-            t0 = time.perf_counter()
-            rt.prefetcher.wait(self.layer)
-            io_s += time.perf_counter() - t0
+            rt.reads.wait(self.layer)
+            timer.io()
         else:                                    # its error, if it is done (one still reading goes on)
-            rt.prefetcher.collect(self.layer)
+            rt.reads.collect(self.layer)
         self.stats.add(experts_needed=len(wants), experts_hit=hits, experts_loaded=loaded,
-                       experts_low_precision=low_loaded,
-                       prefetch_hits=used_prefetch, io_wait_seconds=io_s, compute_seconds=compute_s)
+                       experts_low_precision=low_loaded, prefetch_hits=used_prefetch,
+                       io_wait_seconds=timer.io_seconds, compute_seconds=timer.compute_seconds)
         self.runtime.count(experts_run=len(wants), experts_run_low=run_low)
         return y
 
-    def _compute(self, x, y, groups, pairs) -> float:
-        t0 = time.perf_counter()
+    def _compute(self, x, y, groups, pairs) -> None:
         for e, ent in pairs:
             rows, wts = groups[e]
             add_expert(y, x, rows, wts, self.cache.view(ent), self.layout.format(ent.precision))
-        return time.perf_counter() - t0
