@@ -97,7 +97,7 @@ def ort_sessions(weights, N, K, bits, block, threads, accuracy_level):
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
             initializer=[numpy_helper.from_array(packed, "w"),
                          numpy_helper.from_array(scales.reshape(-1), "s")])
-        # onnx writes a newer IR than onnxruntime may load: pin it (DESIGN.md).
+        # onnx writes a newer IR than onnxruntime may load: pin it, as export/graph.py does.
         model = helper.make_model(graph, ir_version=10, opset_imports=[
             helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
         opts = ort.SessionOptions()

@@ -1,8 +1,13 @@
-"""edgeinfer: run large language models on devices that cannot hold them."""
+"""edgeinfer: run large language models on devices that cannot hold them.
+
+The public API: `load` returns a Model; `Model.generate` returns a GenerationResult (or,
+with stream=True, yields GenerationSteps); failures raise EdgeInferError subclasses and
+warnings are EdgeInferWarning subclasses (edgeinfer.errors)."""
 
 __version__ = "0.1.0"
 
-from edgeinfer.errors import EdgeInferError  # noqa: E402
+from edgeinfer.errors import EdgeInferError, EdgeInferWarning  # noqa: E402
+from edgeinfer.runtime.generate import GenerationResult, GenerationStep  # noqa: E402
 
 
 def load(path=None, **kwargs):
@@ -11,4 +16,4 @@ def load(path=None, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["load", "EdgeInferError", "__version__"]
+__all__ = ["load", "EdgeInferError", "EdgeInferWarning", "GenerationResult", "GenerationStep", "__version__"]

@@ -34,7 +34,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
     Every input is checked before the output is touched; the folder appears
     under its final name only once complete (see writer.py).
     expert_low: MoE models only: also store a low-precision copy of each expert ("int4",
-    "int2"), nested in the high one where it can be (edgeinfer/moe/layout.py).
+    "int2"), nested in the high one where it can be (edgeinfer/format/experts.py).
     """
     src = Path(src)
     if QUANT_ALIASES.get(quant, quant) not in WEIGHT_QUANTS:

@@ -168,7 +168,7 @@ def bundled_ffn(layout, activation: str, has_up_bias: bool, has_down_bias: bool)
     """BundledFFN(x [.., d], bundle [F, R], up_bias [F]?, down_bias [d]?, predictor_a?, predictor_b?) -> [.., d]
 
     y = down(act(gate(x)) * up(x)) for gated FFNs, down(act(up(x) + up_bias)) + down_bias
-    otherwise, with the weights decoded from the row-column bundle (edgeinfer/sparsity/bundle.py).
+    otherwise, with the weights decoded from the row-column bundle (edgeinfer/format/bundle.py).
     The predictor inputs only tell the runtime which neurons to load; the result is the dense FFN.
     """
     b = _Body("bf")

@@ -7,13 +7,13 @@
     y = sum over chosen experts e of p_e * down_e(silu(gate_e x) * up_e x)
         (+ sigmoid(x shared_gate^T) * shared(x), Qwen2-MoE's gated shared expert)
 
-`experts` holds one record per expert (edgeinfer/moe/layout.py) in experts.bin, the only
+`experts` holds one record per expert (edgeinfer/format/experts.py) in experts.bin, the only
 file the runtime streams for MoE models; router, shared expert and its gate stay resident
 in weights.bin. The body computes every expert densely and weights it by the routing
 weight scattered over [tokens, E]: slow, but standard ops only, so plain onnxruntime runs
 the folder and the body is the reference the runtime's kernels are checked against. It
 always decodes the full-precision record; which experts run at low precision is a
-runtime decision (edgeinfer/moe/streaming.py).
+runtime decision (edgeinfer/streaming/moe/op.py).
 """
 from __future__ import annotations
 

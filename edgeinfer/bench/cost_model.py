@@ -56,7 +56,7 @@ def _gemv_s(rates: KernelRates, nbytes: int, bits: int) -> float:
 def page_reads(ffn: int, record: int, n: int, align: int, trials: int = 3) -> tuple[float, float]:
     """Bytes and read calls to load n random neurons of a layer: records are widened
     to `align`, touching or overlapping ranges merge, ranges split at MAX_READ
-    (storage/plan.py). Averaged over a few random draws (seeded: deterministic)."""
+    (io/read_plan.py). Averaged over a few random draws (seeded: deterministic)."""
     rng = np.random.default_rng(0)
     n = min(max(n, 0), ffn)
     if n == 0:
@@ -149,7 +149,7 @@ def predict(traffic: ModelTraffic, mode: str, device, rates: KernelRates, *, con
 
 
 def floor_ms(device, flash_bytes: float, read_calls: float, dram_bytes: float) -> dict:
-    """The physical floor of one token (DESIGN.md): bytes from flash at the device's
+    """The physical floor of one token: bytes from flash at the device's
     bandwidth for the reads' mean size, plus bytes from DRAM at DRAM bandwidth."""
     chunk = flash_bytes / read_calls if read_calls else 0
     flash = read_time(device, flash_bytes, chunk) * 1e3 if flash_bytes else 0.0

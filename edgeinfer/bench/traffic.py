@@ -1,6 +1,6 @@
 """What one decode token touches: weight bytes by node, from the graph and manifest.
 
-The physical floor of token latency (DESIGN.md, "Numbers that matter") is
+The physical floor of token latency (LLM in a flash §2) is
 bytes from DRAM / DRAM bandwidth + bytes from flash / flash bandwidth. Flash
 bytes are measured (storage counters); DRAM bytes are computed here from the
 model's shapes and what the streamed layers chose per token: a resident

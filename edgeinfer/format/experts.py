@@ -2,7 +2,7 @@
 
 An expert is three matrices in nn.Linear layout (rows = outputs): gate [F, d], up [F, d],
 down [d, F]. Each (layer, expert, precision) is ONE contiguous record, 4 KiB-aligned, so a
-cache miss is one read (DESIGN.md, "Experts"). A layer's records are the rows of one
+cache miss is one read (docs/ARCHITECTURE.md, "The model folder"). A layer's records are the rows of one
 initializer in experts.bin, `experts` [E, record_bytes] (uint8; float16 [E, record_bytes/2]
 for float16 experts), plus `experts_low` [E, low_record_bytes] when the low copy is stored
 beside a float16 high copy.

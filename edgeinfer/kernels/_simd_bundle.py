@@ -1,5 +1,5 @@
 """Explicit-SIMD dot and axpy over one part of a row-column bundle record
-(edgeinfer/sparsity/bundle.py), as Numba intrinsics: the inner loops of the
+(edgeinfer/format/bundle.py), as Numba intrinsics: the inner loops of the
 sparse bundled FFN (kernels/ffn.py).
 
 Same reason as kernels/_simd.py: a plain Numba loop over 16-byte blocks of 4-bit

@@ -1,7 +1,7 @@
 """Explicit-SIMD GEMV over several 4-bit matrices at once, as a Numba intrinsic: the inner
-loop of one MoE expert for one token (edgeinfer/moe/kernels.py).
+loop of one MoE expert for one token (edgeinfer/kernels/experts.py).
 
-An expert's nested record (edgeinfer/moe/layout.py) holds each matrix as stages whose sum
+An expert's nested record (edgeinfer/format/experts.py) holds each matrix as stages whose sum
 is the weight, and gate and up read the same x. Here every such matrix is one *stream*:
 each 16-byte step loads x once for all streams, so a nested int8 expert (two 4-bit
 stages) is one pass over its record, not one pass per stage and matrix.
@@ -9,11 +9,9 @@ stages) is one pass over its record, not one pass per stage and matrix.
 Decoding: a 4-bit code c becomes the float c - 8 by one vpermps from a 16-entry table
 (vpermps reads only an index's low 4 bits, so the high nibble needs just a shift): per
 16 bytes, zext + shift + 2 permutes against and + shift + 2 conversions in _simd, and no
-zero-point correction afterwards. Measured on one core, on the benchmark's experts
-(benchmarks/moe.py) inside the decode loop: a high expert (two stages) 5.4 -> 5.1 ms, a
-low one 2.8 ms either way (2.8 -> 2.6 alone). The vector units bound it, not memory: the
-same ~13.5 GB/s of codes with the matrices in cache. AVX-512 only (HAS_AVX512);
-elsewhere experts take matmul_nbits.
+zero-point correction afterwards. The vector units bound it, not memory: it runs at the
+same rate of codes with the matrices in cache or not (docs/BENCHMARKS.md, "MoE expert
+offloading"). AVX-512 only (HAS_AVX512); elsewhere experts take matmul_nbits.
 
 Layout as in _simd: the codes of a row are [nb, blob] with blob = 16 << sh bytes per
 block of scales [nb]; byte j holds x element 2j (low nibble) and 2j + 1 (high), so x

@@ -1,4 +1,4 @@
-"""One expert over its record (edgeinfer/moe/layout.py): down(silu(gate x) * up x),
+"""One expert over its record (edgeinfer/format/experts.py): down(silu(gate x) * up x),
 each matrix the sum of the record's stages.
 
 One token of a record whose stages are all 4-bit (--quant int8 --expert-low int4, as in

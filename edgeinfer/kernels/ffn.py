@@ -1,6 +1,6 @@
 """The sparse bundled FFN kernel: y = sum over chosen neurons i of
 act(gate_i . x) * (up_i . x) * down_i, read straight from row-column bundle
-records (edgeinfer/sparsity/bundle.py) — the resident bundle or the neuron
+records (edgeinfer/format/bundle.py) — the resident bundle or the neuron
 window's buffer alike. Neurons whose activation is exactly 0 (ReLU) skip the
 down accumulation.
 

@@ -182,7 +182,7 @@ def _attention(node, const):
 
 @op("edgeinfer", "BundledFFN")
 def _bundled_ffn(node, const):
-    """Resident FFN over the whole bundle (streaming replaces this node; see sparsity/)."""
+    """Resident FFN over the whole bundle (streaming replaces this node; see streaming/ffn/op.py)."""
     from edgeinfer.format.bundle import BundleLayout
     from edgeinfer.kernels.ffn import bundled_ffn
 

@@ -1,5 +1,5 @@
 """The resident MoE op: every expert in memory at full precision (the whole of
-experts.bin fits the budget, or no budget). Streaming replaces it (streaming.py)."""
+experts.bin fits the budget, or no budget). Streaming replaces it (op.py)."""
 from __future__ import annotations
 
 import numpy as np
