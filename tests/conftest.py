@@ -72,3 +72,13 @@ def ort_logits(folder, ids, cfg):
         for kv in ("key", "value"):
             feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
     return sess.run(["logits"], feed)[0][0]
+
+
+def ffn_budget(folder, fraction: float) -> int:
+    """Bytes that hold every resident weight plus `fraction` of the FFN bundles."""
+    from edgeinfer.format.constants import FFN_FILE
+    from edgeinfer.format.manifest import read_manifest
+    m = read_manifest(folder)
+    total = sum(f["size"] for k, f in m.files.items() if k.endswith(".bin"))
+    ffn = m.files[FFN_FILE]["size"]
+    return total - ffn + int(fraction * ffn)

@@ -11,7 +11,7 @@ import edgeinfer
 from edgeinfer.kernels import dequant, matmul_f16, matmul_nbits
 
 PROMPT = "In the beginning of the war, the king said that the people of the north would"
-FLOAT_ATOL = 2e-3     # as tests/test_backends.py: same float math, another summation order
+FLOAT_ATOL = 2e-3     # as tests/runtime/test_backends.py: same float math, another summation order
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import DENSE
+from conftest import DENSE, ffn_budget
 
 import edgeinfer
 from edgeinfer.bench.perplexity import perplexity
 from edgeinfer.errors import BudgetError
 from edgeinfer.streaming.ffn.window import NeuronWindow
-
-
-def ffn_budget(folder, fraction: float) -> int:
-    """Bytes that hold every resident weight plus `fraction` of the FFN bundles."""
-    from edgeinfer.format.manifest import read_manifest
-    m = read_manifest(folder)
-    total = sum(f["size"] for k, f in m.files.items() if k.endswith(".bin"))
-    ffn = m.files["ffn.bin"]["size"]
-    return total - ffn + int(fraction * ffn)
 
 
 # ---- the window ----------------------------------------------------------------------------

@@ -12,10 +12,9 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import MODELS
+from conftest import MODELS, ffn_budget
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_streaming import ffn_budget
 
 import edgeinfer
 from edgeinfer.errors import (

@@ -23,7 +23,7 @@ from edgeinfer.streaming.moe.op import runtime_of
 
 MIXTRAL = "mixtral-8x-16m"
 PROMPTS = ["Once upon a time", "In the beginning of the war, the"]
-F16_LOGIT_ATOL = 2e-3          # as tests/test_parity.py: float16 weights, float32 math
+F16_LOGIT_ATOL = 2e-3          # as tests/runtime/test_parity.py: float16 weights, float32 math
 THREADS = 1                    # 2-core machine: tiny matrices are not worth waking threads for
 LOW_THRESHOLD = RuntimeOptions().expert_low_threshold   # the default: a miss below gate weight 0.8 loads low
 QUALITY_LIMIT = 0.03
