@@ -27,7 +27,7 @@ MAX_MESSAGES = 1 << 16
 # touch files or code were they ever exposed, and the frame of the render itself.
 _FORBIDDEN_NAMES = frozenset({"self", "cycler", "joiner", "lipsum", "open", "eval", "exec", "compile",
                               "getattr", "setattr", "globals", "locals", "vars", "import", "__import__",
-                              "builtins", "__builtins__", "os", "sys", "subprocess", "config", "request"})
+                              "builtins", "__builtins__", "os", "sys", "subprocess"})
 
 # Used when a model folder has no template: plain "Role: text" turns, which any base
 # model continues; FALLBACK_STOP keeps the model from writing the user's next turn.
@@ -56,15 +56,14 @@ class ChatTemplate:
     def render(self, messages, *, add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt text of `messages` ([{"role", "content"}, ...]); ends with the assistant's
         header when add_generation_prompt. Extra keyword arguments reach the template as
-        apply_chat_template passes them (e.g. enable_thinking)."""
+        apply_chat_template passes them (tools, documents, enable_thinking, ...)."""
         from jinja2.exceptions import TemplateError
-        messages = check_messages(messages)
-        values = {**self.special_tokens, **_plain(kwargs)}
+        context = {"tools": None, "documents": None, **self.special_tokens, **_plain(kwargs),
+                   "messages": check_messages(messages), "add_generation_prompt": add_generation_prompt}
         out, n = [], 0
         try:
             # generate() yields the text as it renders, so an oversized output stops early.
-            for piece in self._template.generate(messages=messages, tools=None, documents=None,
-                                                 add_generation_prompt=add_generation_prompt, **values):
+            for piece in self._template.generate(**context):
                 n += len(piece)
                 if n > MAX_RENDERED_CHARS:
                     raise ChatTemplateError(f"the chat template rendered more than {MAX_RENDERED_CHARS} characters: "
