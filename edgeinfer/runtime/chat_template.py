@@ -142,6 +142,12 @@ def _environment():
         # Repetition is the one operator that turns a short template into gigabytes.
         intercepted_binops = frozenset({"*", "**"})
 
+        def unsafe_undefined(self, obj, attribute):
+            # Jinja's sandbox renders an unsafe attribute as an empty Undefined; a probe for
+            # internals is refused instead, so a hostile template cannot pass unnoticed.
+            raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a "
+                                                  f"{type(obj).__name__} object is unsafe")
+
         def call_binop(self, context, op, left, right):
             if op == "**" and isinstance(right, (int, float)) and abs(right) > 64:
                 raise jinja2.exceptions.SecurityError("exponent too large in a chat template")
