@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from typing import Iterator
 
-from edgeinfer.errors import ChatTemplateWarning, ContextLengthError
+from edgeinfer.errors import ChatTemplateError, ChatTemplateWarning, ContextLengthError
 from edgeinfer.runtime.chat_template import FALLBACK_STOP, ChatTemplate, check_messages
 from edgeinfer.runtime.generate import GenerationResult, GenerationStep, text_steps
 from edgeinfer.runtime.sampling import DEFAULT_MAX_TOKENS, SamplingConfig
@@ -35,6 +35,8 @@ def sampling_config(model, template: ChatTemplate, *, max_new_tokens: int | None
     defaults (carried in the manifest), else edgeinfer's."""
     gen = model.manifest.generation
     values = {k: gen[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty") if k in gen}
+    if "top_k" in values:
+        values["top_k"] = int(values["top_k"])      # JSON may spell it 20.0
     values.update({k: v for k, v in overrides.items() if v is not None})
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     if template.fallback:
@@ -100,7 +102,11 @@ class ChatSession:
         text = self.template.render(self.messages, add_generation_prompt=True)
         # A real template spells its special tokens (BOS included), as apply_chat_template tokenizes;
         # the plain fallback is text like any prompt.
-        return self.model.tokenizer.encode(text, add_special_tokens=self.template.fallback)
+        ids = self.model.tokenizer.encode(text, add_special_tokens=self.template.fallback)
+        if not ids:
+            raise ChatTemplateError("the chat template rendered an empty prompt for this conversation: "
+                                    "give non-empty messages, or fix the model folder's template")
+        return ids
 
     def _steps(self, ids: list[int], cfg: SamplingConfig) -> Iterator[GenerationStep]:
         keep = _common_prefix(self.cached_ids, ids)

@@ -282,6 +282,16 @@ def test_export_carries_template_special_tokens_and_generation_config(chat_model
     assert session._prompt_ids() == list(expect)      # tokenized as apply_chat_template tokenizes
 
 
+def test_export_refuses_a_hostile_template_before_writing(tmp_path):
+    from edgeinfer.export.exporter import export
+    src = tmp_path / "src"
+    shutil.copytree(MODELS / "llama-relu-8m", src)
+    (src / "chat_template.jinja").write_text(HOSTILE["cycler"])
+    with pytest.raises(ChatTemplateError, match="__globals__"):
+        export(src, tmp_path / "out", quant="f16", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_session_prefills_only_the_new_turn(chat_model):
     m = edgeinfer.load(chat_model)
     fed: list[list[int]] = []
