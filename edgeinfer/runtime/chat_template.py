@@ -30,8 +30,12 @@ _FORBIDDEN_NAMES = frozenset({"self", "cycler", "joiner", "lipsum", "open", "eva
                               "builtins", "__builtins__", "os", "sys", "subprocess"})
 
 # Used when a model folder has no template: plain "Role: text" turns, which any base
-# model continues; FALLBACK_STOP keeps the model from writing the user's next turn.
-FALLBACK_TEMPLATE = ("{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n"
+# model continues; FALLBACK_STOP keeps the model from writing the user's next turn. An
+# answer is rendered right after "Assistant:", exactly as it was generated after the
+# generation prompt, so the next turn finds the whole answer in the session's cache.
+FALLBACK_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'assistant' %}"
+                     "Assistant:{{ message['content'] }}{% else %}"
+                     "{{ message['role'] | capitalize }}: {{ message['content'] }}{% endif %}{{ '\\n\\n' }}"
                      "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
 FALLBACK_STOP = ("\nUser:", "\nSystem:")
 

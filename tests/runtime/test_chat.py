@@ -383,6 +383,21 @@ def test_demo_model_chats_with_the_fallback_and_says_so_once():
     assert m.chat_template.render([{"role": "user", "content": "Hi"}]) == "User: Hi\n\nAssistant:"
     assert isinstance(r, GenerationResult) and "\nUser:" not in r.text
     assert steps[-1].result.token_ids == r.token_ids       # greedy: streaming and not give the same answer
+    assert m.chat_template.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hail."}],
+                                  add_generation_prompt=False) == "User: Hi\n\nAssistant: Hail.\n\n"
+
+
+def test_fallback_session_reuses_the_whole_previous_answer():
+    from edgeinfer.runtime.chat import _common_prefix
+    m = edgeinfer.load(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ChatTemplateWarning)
+        session = m.start_chat()
+    session.send("Tell me of the king.", max_new_tokens=24)
+    cached = list(session.cached_ids)
+    session.send("And the queen?", max_new_tokens=4)
+    assert len(cached) > 24 and _common_prefix(cached, session.cached_ids) == len(cached)
+    assert session.prefilled < len(m.tokenizer.encode("\n\nUser: And the queen?\n\nAssistant:")) + 2
 
 
 def test_manifest_refuses_a_template_outside_the_file_table_and_bad_eos(tmp_path):
