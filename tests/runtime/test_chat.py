@@ -53,6 +53,7 @@ LLAMA31 = """{{- bos_token }}
 {%- endif %}
 """
 
+# Template sources keep their real line structure, long lines included.
 QWEN25 = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
     {%- if messages[0]['role'] == 'system' %}
@@ -312,7 +313,8 @@ def test_session_prefills_only_the_new_turn(chat_model):
 
     fed.clear()
     r2 = session.send("And whence comest thou?", max_new_tokens=8, temperature=0)
-    convo2 = [*convo1, {"role": "assistant", "content": r1.text}, {"role": "user", "content": "And whence comest thou?"}]
+    convo2 = [*convo1, {"role": "assistant", "content": r1.text},
+              {"role": "user", "content": "And whence comest thou?"}]
     ids2 = m.tokenizer.encode(m.chat_template.render(convo2), add_special_tokens=False)
     reused = len(ids2) - len(fed[0])
     assert fed[0] == ids2[reused:]                          # only the tail is prefilled ...
