@@ -36,6 +36,10 @@ class ContextLengthError(EdgeInferError):
     """A prompt (or prompt plus generation) does not fit the context window."""
 
 
+class ChatTemplateError(EdgeInferError):
+    """A model's chat template is invalid, unsafe, or refuses the conversation."""
+
+
 class BudgetError(EdgeInferError):
     """The memory budget cannot hold what must stay resident."""
 
@@ -75,3 +79,7 @@ class ProviderWarning(EdgeInferWarning):
 class ConstantFoldingWarning(EdgeInferWarning, ResourceWarning):
     """onnxruntime constant folding is turned off for a session whose folded weights would not
     fit memory; the session dequantizes on every call instead (slow)."""
+
+
+class ChatTemplateWarning(EdgeInferWarning):
+    """A model folder has no chat template: chat uses a plain "Role: text" fallback."""

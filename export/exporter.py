@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 
 from edgeinfer.export.archs import Weights, arch_module
+from edgeinfer.export.chat import read_chat
 from edgeinfer.export.checkpoint import Checkpoint
 from edgeinfer.export.config import model_config, read_hf_config
 from edgeinfer.export.decoder import build_decoder
@@ -15,7 +16,8 @@ from edgeinfer.export.writer import ModelFolderWriter
 
 from edgeinfer import __version__
 from edgeinfer.errors import CheckpointError, EdgeInferError
-from edgeinfer.format.constants import TOKENIZER_FILE
+from edgeinfer.format.constants import CHAT_TEMPLATE_FILE, TOKENIZER_FILE
+from edgeinfer.format.manifest import SAMPLING_KEYS
 from edgeinfer.format.quant import (
     EXPERT_LOW_QUANTS,
     QUANT_ALIASES,
@@ -49,6 +51,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
     tokenizer = src / TOKENIZER_FILE
     if not tokenizer.exists():
         raise CheckpointError(f"{src} has no {TOKENIZER_FILE} (edgeinfer needs a Hugging Face fast tokenizer file)")
+    chat_template, special_tokens = read_chat(src)
+    generation = _generation_defaults(src, cfg)
     ckpt = Checkpoint(src)
     bits = _weight_bits(quant)
     for dim, what in ((cfg.hidden_size, "hidden_size"), (cfg.ffn_dim, "ffn_dim"),
@@ -65,6 +69,10 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
             build_decoder(b, cfg, weights, ffn=ffn, progress=bar)
         model = b.model(doc=f"{cfg.source_architecture} exported by edgeinfer {__version__}")
         writer.copy_file(tokenizer, TOKENIZER_FILE)
+        chat = {"special_tokens": special_tokens}
+        if chat_template is not None:
+            (writer.tmp / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+            chat["template"] = CHAT_TEMPLATE_FILE
         manifest = {
             "created_by": f"edgeinfer {__version__}",
             "source": {"folder": src.name, "architecture": cfg.source_architecture,
@@ -76,7 +84,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "int4
                              "expert_low": expert_low, "relative_error": b.quant_report},
             "ffn_layout": "moe" if cfg.is_moe else "bundled" if bundle else "matmul",
             "tokenizer": TOKENIZER_FILE,
-            "generation": _generation_defaults(src, cfg),
+            "generation": generation,
+            "chat": chat,
         }
         if predictors:
             if not bundle:
@@ -120,18 +129,32 @@ def _bundled(b, cfg, w, i, x, prefix):
 
 
 def _generation_defaults(src: Path, cfg) -> dict:
+    """The context window, special token ids and sampling defaults, from config.json and
+    generation_config.json (whose eos_token_id may be a list: chat models end a turn with
+    a token of their own, e.g. Llama 3's <|eot_id|> beside <|end_of_text|>)."""
     gen = {"max_context": cfg.max_position_embeddings, "eos_token_ids": list(cfg.eos_token_ids),
            "bos_token_id": cfg.bos_token_id}
     path = src / "generation_config.json"
-    if path.exists():
-        try:
-            g = json.loads(path.read_text())
-        except ValueError:
-            g = {}
-        for key in ("temperature", "top_k", "top_p"):
-            if isinstance(g.get(key), (int, float)):
-                gen[key] = g[key]
-        eos = g.get("eos_token_id")
-        if eos is not None:
-            gen["eos_token_ids"] = sorted(set(gen["eos_token_ids"]) | set(eos if isinstance(eos, list) else [eos]))
+    if not path.exists():
+        return gen
+    try:
+        g = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}): fix or remove it") from None
+    if not isinstance(g, dict):
+        raise CheckpointError(f"{path} must hold a JSON object: fix or remove it")
+    for key in SAMPLING_KEYS:
+        value = g.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            gen[key] = value
+    if g.get("do_sample") is False:
+        gen["temperature"] = 0.0     # transformers samples only with do_sample; otherwise it is greedy
+    eos = g.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if not all(isinstance(t, int) and 0 <= t < cfg.vocab_size for t in eos):
+        raise CheckpointError(f"{path}: eos_token_id {g.get('eos_token_id')!r} must be token ids below the "
+                              f"vocabulary size {cfg.vocab_size}: fix the file")
+    gen["eos_token_ids"] = sorted(set(gen["eos_token_ids"]) | set(eos))
+    if isinstance(g.get("bos_token_id"), int) and gen["bos_token_id"] is None:
+        gen["bos_token_id"] = g["bos_token_id"]
     return gen

@@ -13,7 +13,7 @@ import sys
 
 from edgeinfer.errors import EdgeInferError
 
-COMMANDS = ("export", "generate", "inspect", "bench", "devices")
+COMMANDS = ("export", "generate", "chat", "inspect", "bench", "devices")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ ALIGN = 4096
 MANIFEST = "manifest.json"
 GRAPH_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"   # the Jinja chat template, when the checkpoint has one
 WEIGHTS_FILE = "weights.bin"    # read whole at load: attention, norms, embeddings, checksums
 FFN_FILE = "ffn.bin"            # bundled FFN records: what a memory budget streams
 EXPERTS_FILE = "experts.bin"    # MoE expert records: likewise

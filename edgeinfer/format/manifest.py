@@ -6,7 +6,8 @@ against its file; every file carries a crc32.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,13 @@ FORMAT_NAME = "edgeinfer-model"
 FORMAT_VERSION = 1
 _DTYPES = {"float32", "float16", "uint8", "int8", "int32", "uint32", "int64"}
 _MAX_TENSOR_BYTES = 1 << 40
+# Sampling defaults a checkpoint's generation_config.json may set, with the range each must be in
+# (the ranges SamplingConfig accepts).
+SAMPLING_KEYS = {"temperature": (0.0, 100.0), "top_k": (0, 1 << 31), "top_p": (0.0, 1.0),
+                 "repetition_penalty": (0.0, 10.0)}
+_MAX_EOS_IDS = 64
+_MAX_CHAT_TEMPLATE_BYTES = 4 << 20
+_MAX_SPECIAL_TOKEN_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ class Manifest:
     tokenizer: str | None
     generation: dict
     raw: dict
+    chat_template: str | None = None                         # the template file, when the model has one
+    special_tokens: dict = field(default_factory=dict)     # bos_token, eos_token, ... as the template sees them
 
     def path(self, rel: str) -> Path:
         return inside(self.folder, rel)
@@ -104,8 +114,50 @@ def read_manifest(folder: str | Path) -> Manifest:
     tok = raw.get("tokenizer")
     if tok is not None and tok not in files:
         raise ModelFormatError(f"{folder}: tokenizer file {tok!r} is missing")
+    chat_template, special_tokens = _chat(raw, files, folder)
     return Manifest(folder=folder, config=config, quantization=_dict(raw, "quantization"), files=files,
-                    tensors=tensors, graph=graph, tokenizer=tok, generation=_dict(raw, "generation"), raw=raw)
+                    tensors=tensors, graph=graph, tokenizer=tok, generation=_generation(raw, config), raw=raw,
+                    chat_template=chat_template, special_tokens=special_tokens)
+
+
+def _generation(raw: dict, config: ModelConfig) -> dict:
+    gen = _dict(raw, "generation")
+    eos = gen.get("eos_token_ids", [])
+    if not isinstance(eos, list) or len(eos) > _MAX_EOS_IDS or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < config.vocab_size for t in eos):
+        raise ModelFormatError(f"manifest generation.eos_token_ids must be at most {_MAX_EOS_IDS} token ids "
+                               f"below the vocabulary size {config.vocab_size}")
+    bos = gen.get("bos_token_id")
+    if bos is not None and not (isinstance(bos, int) and 0 <= bos < config.vocab_size):
+        raise ModelFormatError("manifest generation.bos_token_id must be a token id of the vocabulary or null")
+    ctx = gen.get("max_context")
+    if ctx is not None and not (isinstance(ctx, int) and 0 < ctx <= config.max_position_embeddings):
+        raise ModelFormatError(f"manifest generation.max_context must be in 1..{config.max_position_embeddings}")
+    for key, (lo, hi) in SAMPLING_KEYS.items():
+        v = gen.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  and lo <= v <= hi):
+            raise ModelFormatError(f"manifest generation.{key} must be a number in [{lo}, {hi}]")
+    return gen
+
+
+def _chat(raw: dict, files: dict, folder: Path) -> tuple[str | None, dict]:
+    """The chat template's file (in the file table, bounded in size) and the special-token strings."""
+    chat = _dict(raw, "chat")
+    template = chat.get("template")
+    if template is not None:
+        if template not in files:
+            raise ModelFormatError(f"{folder}: chat template file {template!r} is not in the manifest's file table")
+        if files[template]["size"] > _MAX_CHAT_TEMPLATE_BYTES:
+            raise ModelFormatError(f"{folder}: chat template {template} has {files[template]['size']} bytes, over "
+                                   f"the limit of {_MAX_CHAT_TEMPLATE_BYTES}: it is not a chat template")
+    special = chat.get("special_tokens", {})
+    if not isinstance(special, dict) or len(special) > 16 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) <= _MAX_SPECIAL_TOKEN_CHARS
+            for k, v in special.items()):
+        raise ModelFormatError("manifest chat.special_tokens must map at most 16 names to strings of at most "
+                               f"{_MAX_SPECIAL_TOKEN_CHARS} characters")
+    return template, dict(special)
 
 
 def _list(raw: dict, key: str) -> list:

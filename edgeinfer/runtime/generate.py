@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 from edgeinfer.errors import ContextLengthError, InvalidArgumentError
+from edgeinfer.runtime.kv_cache import KVCache
 from edgeinfer.runtime.sampling import Sampler, SamplingConfig
 from edgeinfer.runtime.tokenizer import StreamDecoder
 
@@ -82,7 +83,7 @@ def stream_generate(model, prompt: str, cfg: SamplingConfig) -> Iterator[Generat
     if len(ids) > model.max_context:
         raise ContextLengthError(f"prompt has {len(ids)} tokens; the model's context window is "
                                  f"{model.max_context} tokens: shorten the prompt")
-    return _text_steps(model, ids, cfg)
+    return text_steps(model, ids, cfg)
 
 
 def prompt_ids(model, prompt: str) -> list[int]:
@@ -95,18 +96,25 @@ def prompt_ids(model, prompt: str) -> list[int]:
     return ids
 
 
-def generate_step(model, prompt_ids: list[int], cfg: SamplingConfig) -> Iterator[tuple[int, float, str | None]]:
+def generate_step(model, prompt_ids: list[int], cfg: SamplingConfig,
+                  cache: KVCache | None = None) -> Iterator[tuple[int, float, str | None]]:
     """Yield (token, seconds, finish_reason) per sample: the first from the prefill, then one
     per decode step. finish_reason is None except on the last: "eos" (the token is EOS),
-    "length" or "context"."""
+    "length" or "context".
+
+    A given `cache` already holds the keys and values of prompt_ids[:cache.length] (a chat
+    session's earlier turns): only the rest is prefilled, and the cache keeps every token
+    this call feeds (all sampled tokens but the last)."""
     if cfg.max_new_tokens == 0:
         return
     max_ctx = model.max_context
     sampler = Sampler(cfg)
-    cache = model.new_cache()
+    cache = model.new_cache() if cache is None else cache
+    # The last prompt token's logits are needed: at least one token is always prefilled.
+    cache.truncate(min(cache.length, len(prompt_ids) - 1))
     eos = set(model.eos_token_ids)
     t0 = time.perf_counter()
-    logits = model.forward(prompt_ids, cache)
+    logits = model.forward(prompt_ids[cache.length:], cache)
     history = list(prompt_ids)
     for step in range(cfg.max_new_tokens):
         token = sampler(logits[-1], history)
@@ -123,7 +131,7 @@ def generate_step(model, prompt_ids: list[int], cfg: SamplingConfig) -> Iterator
         logits = model.forward([token], cache)
 
 
-def _text_steps(model, ids: list[int], cfg: SamplingConfig) -> Iterator[GenerationStep]:
+def text_steps(model, ids: list[int], cfg: SamplingConfig, cache: KVCache | None = None) -> Iterator[GenerationStep]:
     """Token samples turned into text pieces; a stop string ends generation and is not emitted."""
     decoder = StreamDecoder(model.tokenizer)
     stops = cfg.stop
@@ -137,7 +145,7 @@ def _text_steps(model, ids: list[int], cfg: SamplingConfig) -> Iterator[Generati
         steps.append(s)
         return s
 
-    for token, seconds, reason in generate_step(model, ids, cfg):
+    for token, seconds, reason in generate_step(model, ids, cfg, cache):
         if reason == "eos":
             yield make(pending + decoder.flush(), None, seconds, "eos")
             return

@@ -1,6 +1,7 @@
 """A loaded model: manifest, tokenizer, executor; forward passes and generation."""
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Iterator
 
 import numpy as np
@@ -102,3 +103,28 @@ class Model:
         except KeyboardInterrupt:
             return GenerationResult.from_steps(seen, "interrupted")
         return seen[-1].result
+
+    @cached_property
+    def chat_template(self):
+        """The model folder's ChatTemplate, or the plain fallback (warned once, with a ChatTemplateWarning)."""
+        from edgeinfer.runtime.chat import load_template
+        return load_template(self)
+
+    def chat(self, messages, *, max_new_tokens: int | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None, stop=(),
+             repetition_penalty: float | None = None,
+             stream: bool = False) -> GenerationResult | Iterator[GenerationStep]:
+        """Answer a conversation: `messages` is a list of {"role": "system"|"user"|"assistant",
+        "content": str} dicts, rendered with the model's chat template. Returns and streams as
+        generate does. Sampling arguments left None take the checkpoint's generation_config
+        defaults, then edgeinfer's. For several turns without re-running earlier ones, use
+        start_chat()."""
+        return self.start_chat(messages).reply(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            stop=stop, repetition_penalty=repetition_penalty, stream=stream)
+
+    def start_chat(self, messages=(), *, system: str | None = None):
+        """A ChatSession: send(text) answers a user turn, keeping the KV cache of the turns before
+        it, so each turn prefills only its own tokens; reset() starts over."""
+        from edgeinfer.runtime.chat import ChatSession
+        return ChatSession(self, messages, system=system)

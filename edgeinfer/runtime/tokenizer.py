@@ -22,14 +22,16 @@ class Tokenizer:
             raise ModelFormatError(f"{path} is not a valid tokenizer.json ({exc})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; add_special_tokens=False for text that already spells its special
+        tokens (a rendered chat template), as apply_chat_template tokenizes."""
         if not isinstance(text, str):
             raise InvalidArgumentError(f"prompt must be a str, not {type(text).__name__}")
         if len(text) > MAX_PROMPT_CHARS:
             raise InvalidArgumentError(f"prompt has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}: shorten it")
         # Lone surrogates cannot be encoded as UTF-8; replace them instead of crashing.
         text = text.encode("utf-8", "replace").decode("utf-8")
-        return self._tok.encode(text, add_special_tokens=True).ids
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
