@@ -110,6 +110,22 @@ def test_family_matches_transformers(name, built):
         assert np.abs(ours - ort_logits(folder, full, model.config)).max() < F16_LOGIT_ATOL
 
 
+@pytest.mark.parametrize("name", ["qwen3", "mistral-swa", "phi3"])
+def test_int4_export_runs_in_plain_onnxruntime_and_streams(name, built, tmp_path):
+    """At int4 (MatMulNBits) the new attention features still run through their ONNX function
+    bodies in plain onnxruntime; the FFN bundles stream (naive mode: SiLU FFNs have no ReLU
+    sparsity to predict) with the same result as resident."""
+    from conftest import ffn_budget
+    folder = export(built(name)[1], tmp_path / "int4", quant="int4", progress=False)
+    model = edgeinfer.load(folder, threads=THREADS)
+    ids = model.tokenizer.encode(PROMPTS[2]) + list(range(10, 40))
+    ours = model.logits(ids)
+    # same weights, different kernels: float32 summation order only (as test_parity.py)
+    assert np.abs(ours - ort_logits(folder, ids, model.config)).max() < F16_LOGIT_ATOL
+    streamed = edgeinfer.load(folder, threads=THREADS, memory_budget=ffn_budget(folder, 0.5), mode="naive")
+    np.testing.assert_allclose(streamed.logits(ids), ours, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name, field, value", [
     ("llama3", "rope_scaling", _LLAMA3_ROPE["rope_type"]),
     ("qwen3", "qk_norm", True),
