@@ -60,6 +60,8 @@ def _rope(cfg: dict) -> tuple[float, dict, float]:
                            cfg.get("original_max_position_embeddings", cfg.get("max_position_embeddings")))
         if scaling.get("factor") is None:
             scaling["factor"] = cfg.get("max_position_embeddings", 1) / scaling["original_max_position_embeddings"]
+        if not isinstance(scaling.get("short_factor"), list):
+            raise CheckpointError("longrope scaling needs a short_factor list in config.json")
     return float(theta), scaling, partial
 
 
@@ -130,6 +132,9 @@ def model_config(hf: dict) -> ModelConfig:
         # original context (recomputing the cache); the short factors are exact up to there.
         common["max_position_embeddings"] = min(common["max_position_embeddings"],
                                                 int(scaling["original_max_position_embeddings"]))
+    if scaling.get("rope_type") == "longrope" and len(scaling["short_factor"]) != rotary_dim // 2:
+        raise CheckpointError(f"longrope short_factor has {len(scaling['short_factor'])} values; "
+                              f"the rotary dimension {rotary_dim} needs {rotary_dim // 2}")
     window, full_layers = _windows(hf, model_type, common["num_layers"], common["max_position_embeddings"])
     kw = dict(
         num_kv_heads=int(hf.get("num_key_value_heads") or heads), head_dim=head_dim,

@@ -189,3 +189,69 @@ def test_window_wider_than_context_is_full_attention():
     cfg = model_config(_hf("mistral", sliding_window=4096))
     assert cfg.sliding_window == 0
     assert model_config(_hf("mistral", sliding_window=512)).sliding_window == 512
+
+
+# config.json as published checkpoints ship it (older transformers format), trimmed to what
+# the parser reads: the values of meta-llama/Llama-3.2-1B, Qwen/Qwen2.5-0.5B, Qwen/Qwen3-0.6B,
+# mistralai/Mistral-7B-v0.1, microsoft/Phi-3-mini-4k-instruct, microsoft/Phi-4-mini-instruct.
+_LLAMA32 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048,
+                intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                              "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                tie_word_embeddings=True, hidden_act="silu")
+_QWEN25 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=151936, hidden_size=896,
+               intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+               max_position_embeddings=32768, max_window_layers=24, sliding_window=32768, use_sliding_window=False,
+               rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, hidden_act="silu")
+_QWEN3 = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=1024,
+              intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+              head_dim=128, max_position_embeddings=40960, max_window_layers=28, sliding_window=None,
+              use_sliding_window=False, attention_bias=False, rms_norm_eps=1e-6, rope_theta=1000000,
+              rope_scaling=None, tie_word_embeddings=True, hidden_act="silu")
+_MISTRAL01 = dict(model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32000, hidden_size=4096,
+                  intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                  max_position_embeddings=32768, sliding_window=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  tie_word_embeddings=False, hidden_act="silu")
+_PHI3_4K = dict(model_type="phi3", architectures=["Phi3ForCausalLM"], vocab_size=32064, hidden_size=3072,
+                intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                max_position_embeddings=4096, original_max_position_embeddings=4096, sliding_window=2047,
+                rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=False,
+                hidden_act="silu")
+_PHI4_MINI = dict(model_type="phi3", architectures=["Phi3ForCausalLM"], vocab_size=200064, hidden_size=3072,
+                  intermediate_size=8192, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
+                  max_position_embeddings=131072, original_max_position_embeddings=4096, partial_rotary_factor=0.75,
+                  sliding_window=262144, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                  rope_scaling={"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.5] * 48},
+                  hidden_act="silu")
+
+
+@pytest.mark.parametrize("hf, expect", [
+    (_LLAMA32, dict(family="llama", rope_scaling={"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0,
+                                                  "low_freq_factor": 1.0, "original_max_position_embeddings": 8192},
+                    tie_word_embeddings=True, sliding_window=0, rotary_dim=64)),
+    (_QWEN25, dict(family="llama", attention_bias=True, sliding_window=0, rope_theta=1e6)),
+    (_QWEN3, dict(family="qwen3", qk_norm=True, head_dim=128, rotary_dim=128, sliding_window=0)),
+    (_MISTRAL01, dict(family="llama", sliding_window=4096, full_attention_layers=())),
+    (_PHI3_4K, dict(family="phi3", sliding_window=2047, rotary_dim=96, rope_scaling={})),
+    # longrope: the context is the original 4096 (the short factors' range); the 262144 window is wider
+    (_PHI4_MINI, dict(family="phi3", rotary_dim=96, max_position_embeddings=4096, sliding_window=0)),
+])
+def test_published_configs(hf, expect):
+    cfg = model_config(hf)
+    assert {k: getattr(cfg, k) for k in expect} == expect
+
+
+def test_qwen2_window_from_max_window_layers():
+    cfg = model_config(dict(_QWEN25, use_sliding_window=True, sliding_window=4096, max_window_layers=20))
+    assert cfg.sliding_window == 4096 and cfg.full_attention_layers == tuple(range(20))
+    assert cfg.window(19) == 0 and cfg.window(20) == 4096
+    from edgeinfer.format.config import ModelConfig
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg       # as the manifest stores it
+
+
+def test_longrope_factors_must_match_the_rotary_dimension():
+    from edgeinfer.errors import CheckpointError
+    bad = dict(_PHI4_MINI, rope_scaling=dict(_PHI4_MINI["rope_scaling"], short_factor=[1.0] * 64))
+    with pytest.raises(CheckpointError, match="short_factor has 64 values"):
+        model_config(bad)
