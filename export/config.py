@@ -19,6 +19,7 @@ MODEL_TYPES = {
     "phi3": "phi3",
     "mixtral": "mixtral",
     "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
 }
 _ACT = {"relu": "relu", "silu": "silu", "swish": "silu"}
 
@@ -72,7 +73,7 @@ def _windows(hf: dict, model_type: str, num_layers: int, max_positions: int) -> 
     if not window or not hf.get("use_sliding_window", model_type in ("mistral", "phi3")):
         return 0, ()
     types = hf.get("layer_types")
-    if types is None and model_type in ("qwen2", "qwen3"):
+    if types is None and model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         start = int(hf.get("max_window_layers", num_layers))
         types = ["sliding_attention" if i >= start else "full_attention" for i in range(num_layers)]
     types = types or ["sliding_attention"] * num_layers
@@ -152,7 +153,8 @@ def model_config(hf: dict) -> ModelConfig:
         return ModelConfig(
             family="mixtral", ffn_dim=int(hf["intermediate_size"]), num_experts=int(hf["num_local_experts"]),
             experts_per_token=int(hf["num_experts_per_tok"]), norm_topk_prob=True, **kw, **common)
-    return ModelConfig(  # qwen2_moe
-        family="qwen2_moe", ffn_dim=int(hf["moe_intermediate_size"]), num_experts=int(hf["num_experts"]),
+    return ModelConfig(  # qwen2_moe, qwen3_moe
+        family=family, qk_norm=family == "qwen3_moe", ffn_dim=int(hf["moe_intermediate_size"]),
+        num_experts=int(hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]),   # newer name
         experts_per_token=int(hf["num_experts_per_tok"]), norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
         shared_expert_ffn_dim=int(hf.get("shared_expert_intermediate_size", 0)), **kw, **common)

@@ -47,10 +47,12 @@ def _configs():
         "mistral-swa": t.MistralConfig(sliding_window=WINDOW, **_COMMON),
         "phi3": t.Phi3Config(rope_parameters=phi_rope, sliding_window=2 * WINDOW, pad_token_id=None,
                              original_max_position_embeddings=64, **_COMMON),
+        "qwen3-moe": t.Qwen3MoeConfig(head_dim=48, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                                      norm_topk_prob=True, mlp_only_layers=[1], **_COMMON),
     }
 
 
-FAMILIES = ("llama3", "llama3-tied", "qwen2.5", "qwen3", "mistral-swa", "phi3")
+FAMILIES = ("llama3", "llama3-tied", "qwen2.5", "qwen3", "mistral-swa", "phi3", "qwen3-moe")
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +128,28 @@ def test_int4_export_runs_in_plain_onnxruntime_and_streams(name, built, tmp_path
     np.testing.assert_allclose(streamed.logits(ids), ours, atol=1e-5, rtol=0)
 
 
+def test_qwen3_moe_experts_stream(built):
+    """Qwen3-MoE under a budget that holds half the experts: experts.bin streams through the
+    expert cache with the resident model's result (same precision, no low copies)."""
+    from edgeinfer.format.constants import EXPERTS_FILE
+    from edgeinfer.format.manifest import read_manifest
+    folder = built("qwen3-moe")[2]
+    files = read_manifest(folder).files
+    budget = sum(f["size"] for k, f in files.items() if k.endswith(".bin")) - files[EXPERTS_FILE]["size"] // 2
+    model = edgeinfer.load(folder, threads=THREADS)
+    streamed = edgeinfer.load(folder, threads=THREADS, memory_budget=budget)
+    ids = model.tokenizer.encode(PROMPTS[2]) + list(range(10, 40))
+    np.testing.assert_allclose(streamed.logits(ids), model.logits(ids), atol=1e-5, rtol=0)
+    counts = streamed.stats.snapshot()
+    assert counts["experts_loaded"] > 0 and counts["experts_evicted"] > 0   # it did stream
+
+
 @pytest.mark.parametrize("name, field, value", [
     ("llama3", "rope_scaling", _LLAMA3_ROPE["rope_type"]),
     ("qwen3", "qk_norm", True),
     ("mistral-swa", "sliding_window", WINDOW),
     ("phi3", "rotary_dim", 24),
+    ("qwen3-moe", "qk_norm", True),
 ])
 def test_family_features_reach_the_config(name, field, value, built):
     """The features the parity test exercises are really on (a config that dropped one would
@@ -193,7 +212,8 @@ def test_window_wider_than_context_is_full_attention():
 
 # config.json as published checkpoints ship it (older transformers format), trimmed to what
 # the parser reads: the values of meta-llama/Llama-3.2-1B, Qwen/Qwen2.5-0.5B, Qwen/Qwen3-0.6B,
-# mistralai/Mistral-7B-v0.1, microsoft/Phi-3-mini-4k-instruct, microsoft/Phi-4-mini-instruct.
+# mistralai/Mistral-7B-v0.1, microsoft/Phi-3-mini-4k-instruct, microsoft/Phi-4-mini-instruct,
+# Qwen/Qwen3-30B-A3B.
 _LLAMA32 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048,
                 intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
@@ -224,6 +244,12 @@ _PHI4_MINI = dict(model_type="phi3", architectures=["Phi3ForCausalLM"], vocab_si
                   sliding_window=262144, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
                   rope_scaling={"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.5] * 48},
                   hidden_act="silu")
+_QWEN3_MOE = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048,
+                  intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                  num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                  decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960, sliding_window=None,
+                  use_sliding_window=False, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+                  hidden_act="silu")
 
 
 @pytest.mark.parametrize("hf, expect", [
@@ -236,6 +262,8 @@ _PHI4_MINI = dict(model_type="phi3", architectures=["Phi3ForCausalLM"], vocab_si
     (_PHI3_4K, dict(family="phi3", sliding_window=2047, rotary_dim=96, rope_scaling={})),
     # longrope: the context is the original 4096 (the short factors' range); the 262144 window is wider
     (_PHI4_MINI, dict(family="phi3", rotary_dim=96, max_position_embeddings=4096, sliding_window=0)),
+    (_QWEN3_MOE, dict(family="qwen3_moe", qk_norm=True, num_experts=128, experts_per_token=8, ffn_dim=768,
+                      norm_topk_prob=True, shared_expert_ffn_dim=0)),
 ])
 def test_published_configs(hf, expect):
     cfg = model_config(hf)
