@@ -140,6 +140,9 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w, ffn=dense_ffn, progress=
                    cfg.norm_eps)
         q, k, v = (b.linear(f"{p}.attn.{r}", x, wt, bias)
                    for r, (wt, bias) in zip("qkv", attention_weights(w, cfg, i)))
+        if w.name("q_proj_norm", i) is not None:   # OLMoE: RMSNorm over the whole projection
+            q = b.norm(f"{p}.attn.q_norm", q, "rmsnorm", w.get("q_proj_norm", i), None, cfg.norm_eps)
+            k = b.norm(f"{p}.attn.k_norm", k, "rmsnorm", w.get("k_proj_norm", i), None, cfg.norm_eps)
         pk = b.input(past_name(i, "key"), TensorProto.FLOAT, ["batch", KVH, "past_seq", D])
         pv = b.input(past_name(i, "value"), TensorProto.FLOAT, ["batch", KVH, "past_seq", D])
         inputs, extra = [q, k, v, pk, pv, cos, sin], {}

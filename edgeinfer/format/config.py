@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from edgeinfer.errors import ModelFormatError
 
-FAMILIES = ("opt", "llama", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("opt", "llama", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 FFN_ACTIVATIONS = ("relu", "silu", "gelu")   # the FFN activation functions a model may use
 # Refuse absurd shapes before allocating anything (hostile or corrupt manifests).
 _LIMITS = {

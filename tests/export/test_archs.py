@@ -49,10 +49,12 @@ def _configs():
                              original_max_position_embeddings=64, **_COMMON),
         "qwen3-moe": t.Qwen3MoeConfig(head_dim=48, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
                                       norm_topk_prob=True, mlp_only_layers=[1], **_COMMON),
+        "olmoe": t.OlmoeConfig(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                               **dict(_COMMON, intermediate_size=64)),
     }
 
 
-FAMILIES = ("llama3", "llama3-tied", "qwen2.5", "qwen3", "mistral-swa", "phi3", "qwen3-moe")
+FAMILIES = ("llama3", "llama3-tied", "qwen2.5", "qwen3", "mistral-swa", "phi3", "qwen3-moe", "olmoe")
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,7 @@ def test_qwen3_moe_experts_stream(built):
     ("mistral-swa", "sliding_window", WINDOW),
     ("phi3", "rotary_dim", 24),
     ("qwen3-moe", "qk_norm", True),
+    ("olmoe", "norm_topk_prob", False),
 ])
 def test_family_features_reach_the_config(name, field, value, built):
     """The features the parity test exercises are really on (a config that dropped one would
@@ -196,6 +199,7 @@ def _hf(model_type, **kw):
 
 @pytest.mark.parametrize("hf, option", [
     (_hf("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
+    (_hf("olmoe", clip_qkv=8.0, num_experts=8, num_experts_per_tok=2), "clip_qkv"),
     (_hf("qwen2", use_sliding_window=True, sliding_window=64, layer_types=["chunked_attention"] * 2),
      "chunked_attention"),
 ])
