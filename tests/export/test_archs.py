@@ -5,7 +5,7 @@ attention, Phi-3 (fused qkv and gate_up, longrope, partial rotary, a window).
 Each is built here with transformers from a small config carrying the family's features (random
 weights rounded to float16 so a float16 export is exact; 2 layers; the llama-relu-8m tokenizer),
 norm weights and biases perturbed so none is the identity, saved as safetensors, exported, and compared with the float32 transformers reference: logits on
-3 prompts, 32 greedy tokens, the numba and ort backends, plain onnxruntime on model.onnx."""
+3 prompts, 32 greedy tokens, the numba, ort and hybrid backends, plain onnxruntime on model.onnx."""
 from __future__ import annotations
 
 import shutil
@@ -98,6 +98,7 @@ def test_family_matches_transformers(name, built):
     ref, _, folder = built(name)
     model = edgeinfer.load(folder, threads=THREADS)
     ort = edgeinfer.load(folder, backend="ort", threads=THREADS)
+    hybrid = edgeinfer.load(folder, backend="hybrid", threads=THREADS)
     for prompt in PROMPTS:
         ids = model.tokenizer.encode(prompt)
         want_logits, want_tokens = _reference(ref, ids)
@@ -109,8 +110,9 @@ def test_family_matches_transformers(name, built):
         assert list(ort.generate(prompt, max_new_tokens=32).token_ids) == want_tokens
         # the generated sequence's logits: positions past the window, through both backends
         full = ids + want_tokens
-        ours, theirs = model.logits(full), ort.logits(full)
-        assert np.abs(ours - theirs).max() < F16_LOGIT_ATOL
+        ours = model.logits(full)
+        assert np.abs(ours - ort.logits(full)).max() < F16_LOGIT_ATOL
+        assert np.abs(ours - hybrid.logits(full)).max() < F16_LOGIT_ATOL
         assert np.abs(ours - ort_logits(folder, full, model.config)).max() < F16_LOGIT_ATOL
 
 
