@@ -157,7 +157,8 @@ def model_config(hf: dict) -> ModelConfig:
     if hf.get("clip_qkv") is not None:
         raise UnsupportedModelError(f"clip_qkv={hf['clip_qkv']} (clamped q/k/v projections) is not supported")
     return ModelConfig(  # qwen2_moe, qwen3_moe, olmoe
-        family=family, qk_norm=family == "qwen3_moe", ffn_dim=int(hf.get("moe_intermediate_size") or hf["intermediate_size"]),   # OLMoE: the latter
+        family=family, qk_norm=family == "qwen3_moe",
+        ffn_dim=int(hf.get("moe_intermediate_size") or hf["intermediate_size"]),   # OLMoE has only the latter
         num_experts=int(hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]),   # newer name
         experts_per_token=int(hf["num_experts_per_tok"]), norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
         shared_expert_ffn_dim=int(hf.get("shared_expert_intermediate_size", 0)), **kw, **common)

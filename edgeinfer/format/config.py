@@ -115,6 +115,7 @@ class ModelConfig:
         if not (0 < float(self.norm_eps) < 1):
             bad(f"norm_eps={self.norm_eps!r}")
         if any(not 0 <= i < self.num_layers for i in self.full_attention_layers):
-            bad(f"full_attention_layers={list(self.full_attention_layers)} names layers outside 0..{self.num_layers - 1}")
+            bad(f"full_attention_layers={list(self.full_attention_layers)} names layers outside "
+                f"0..{self.num_layers - 1}")
         if self.is_moe and not (0 < self.experts_per_token <= self.num_experts):
             bad("experts_per_token must be in 1..num_experts")

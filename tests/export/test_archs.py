@@ -1,11 +1,13 @@
 """Architecture families beyond the trained fixtures: Llama 3 (llama3 rope scaling, tied and
 untied heads), Qwen2.5 (q/k/v biases), Qwen3 (per-head q/k RMSNorm), Mistral with sliding-window
-attention, Phi-3 (fused qkv and gate_up, longrope, partial rotary, a window).
+attention, Phi-3 (fused qkv and gate_up, longrope, partial rotary, a window), Qwen3-MoE and
+OLMoE (q/k RMSNorm over the whole projection).
 
 Each is built here with transformers from a small config carrying the family's features (random
-weights rounded to float16 so a float16 export is exact; 2 layers; the llama-relu-8m tokenizer),
-norm weights and biases perturbed so none is the identity, saved as safetensors, exported, and compared with the float32 transformers reference: logits on
-3 prompts, 32 greedy tokens, the numba, ort and hybrid backends, plain onnxruntime on model.onnx."""
+weights rounded to float16 so a float16 export is exact; 2 layers; the llama-relu-8m tokenizer;
+norm weights and biases perturbed so none is the identity), saved as safetensors, exported, and
+compared with the float32 transformers reference: logits on 3 prompts, 32 greedy tokens, the
+numba, ort and hybrid backends, plain onnxruntime on model.onnx."""
 from __future__ import annotations
 
 import shutil
