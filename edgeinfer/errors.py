@@ -75,3 +75,8 @@ class ProviderWarning(EdgeInferWarning):
 class ConstantFoldingWarning(EdgeInferWarning, ResourceWarning):
     """onnxruntime constant folding is turned off for a session whose folded weights would not
     fit memory; the session dequantizes on every call instead (slow)."""
+
+
+class ContextLimitWarning(EdgeInferWarning):
+    """The exported model's context is shorter than the checkpoint's (a position encoding that
+    is only reproduced exactly up to some length, e.g. LongRoPE's short factors)."""

@@ -6,9 +6,10 @@ Both transformers formats are read: the older (`rope_theta`, `rope_scaling`,
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
-from edgeinfer.errors import CheckpointError, UnsupportedModelError
+from edgeinfer.errors import CheckpointError, ContextLimitWarning, UnsupportedModelError
 from edgeinfer.format.config import ModelConfig
 
 # model_type -> family; one table, not if-chains.
@@ -132,8 +133,12 @@ def model_config(hf: dict) -> ModelConfig:
     if scaling.get("rope_type") == "longrope":
         # transformers switches every position to the long factors once the sequence passes the
         # original context (recomputing the cache); the short factors are exact up to there.
-        common["max_position_embeddings"] = min(common["max_position_embeddings"],
-                                                int(scaling["original_max_position_embeddings"]))
+        original = int(scaling["original_max_position_embeddings"])
+        if common["max_position_embeddings"] > original:
+            warnings.warn(f"{arch or model_type}: LongRoPE is exported with its short factors, exact up to the "
+                          f"original context of {original} tokens; the model's context is limited to {original} "
+                          f"(not {common['max_position_embeddings']})", ContextLimitWarning, stacklevel=3)
+            common["max_position_embeddings"] = original
     if scaling.get("rope_type") == "longrope" and len(scaling["short_factor"]) != rotary_dim // 2:
         raise CheckpointError(f"longrope short_factor has {len(scaling['short_factor'])} values; "
                               f"the rotary dimension {rotary_dim} needs {rotary_dim // 2}")

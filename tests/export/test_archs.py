@@ -21,6 +21,8 @@ from edgeinfer.export.exporter import export
 import edgeinfer
 from edgeinfer.errors import UnsupportedModelError
 
+# The Phi-3 configs here have a longer context than LongRoPE's original one: export says so.
+pytestmark = pytest.mark.filterwarnings("ignore::edgeinfer.errors.ContextLimitWarning")
 PROMPTS = ["Once upon a time", "The king said", "In the beginning of the war, the"]
 # float16 weights (exact), float32 math on both sides: only summation order differs. Measured
 # max |diff| is ~1e-5 on these models; 2e-3 as tests/runtime/test_parity.py.
@@ -284,6 +286,12 @@ def test_qwen2_window_from_max_window_layers():
     assert cfg.window(19) == 0 and cfg.window(20) == 4096
     from edgeinfer.format.config import ModelConfig
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg       # as the manifest stores it
+
+
+def test_longrope_context_limit_is_announced():
+    from edgeinfer.errors import ContextLimitWarning
+    with pytest.warns(ContextLimitWarning, match="limited to 4096 .not 131072"):
+        model_config(_PHI4_MINI)
 
 
 def test_longrope_factors_must_match_the_rotary_dimension():
