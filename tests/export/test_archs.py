@@ -126,7 +126,9 @@ def test_int4_export_runs_in_plain_onnxruntime_and_streams(name, built, tmp_path
     bodies in plain onnxruntime; the FFN bundles stream (naive mode: SiLU FFNs have no ReLU
     sparsity to predict) with the same result as resident."""
     from conftest import ffn_budget
+    import onnx
     folder = export(built(name)[1], tmp_path / "int4", quant="int4", progress=False)
+    onnx.checker.check_model(str(folder / "model.onnx"), full_check=True)
     model = edgeinfer.load(folder, threads=THREADS)
     ids = model.tokenizer.encode(PROMPTS[2]) + list(range(10, 40))
     ours = model.logits(ids)
