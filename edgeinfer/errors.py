@@ -83,3 +83,8 @@ class ConstantFoldingWarning(EdgeInferWarning, ResourceWarning):
 
 class ChatTemplateWarning(EdgeInferWarning):
     """A model folder has no chat template: chat uses a plain "Role: text" fallback."""
+
+
+class ContextLimitWarning(EdgeInferWarning):
+    """The exported model's context is shorter than the checkpoint's (a position encoding that
+    is only reproduced exactly up to some length, e.g. LongRoPE's short factors)."""

@@ -9,6 +9,7 @@ node still carries them as attributes for the runtime.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import FunctionProto, TensorProto, helper, numpy_helper
 
 from edgeinfer.errors import InvalidArgumentError
@@ -91,13 +92,18 @@ def rms_norm(eps: float) -> FunctionProto:
     return b.function("RMSNorm", ["x", "w"], ["y"], ["epsilon"])
 
 
-def attention(num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int, scale: float) -> FunctionProto:
+def attention(num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int, scale: float, *,
+              qk_norm_eps: float | None = None, windowed: bool = False) -> FunctionProto:
     """Causal multi-head attention with grouped KV heads, rotary embedding and a KV cache.
 
-    Attention(q [B,S,H*D], k [B,S,KVH*D], v, past_key [B,KVH,P,D], past_value, cos [B,S,R/2], sin)
+    Attention(q [B,S,H*D], k [B,S,KVH*D], v, past_key [B,KVH,P,D], past_value, cos [B,S,R/2], sin,
+              q_norm [D]?, k_norm [D]?)
       -> (out [B,S,H*D], present_key [B,KVH,P+S,D], present_value)
     Query s (absolute position P+s) sees keys 0..P+s. Rotary uses the half-rotation
     (rotate_half) convention on the first R dims of each head; R=0 means none (OPT).
+    qk_norm_eps: q and k get a per-head RMSNorm (weights q_norm, k_norm) before rotary (Qwen3).
+    windowed: the body reads the node's `window` attribute (0: none; else query i sees keys
+    i-window+1..i, Mistral's sliding window), so layers with and without a window share it.
     """
     H, KVH, D, R = num_heads, num_kv_heads, head_dim, rotary_dim
     G = H // KVH
@@ -106,7 +112,14 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
     def heads(x, n):
         return b.op("Transpose", b.op("Reshape", x, b.const([0, 0, n, D])), perm=[0, 2, 1, 3])
 
+    def head_norm(x, w):                               # RMSNorm over each head's D values
+        ms = b.op("ReduceMean", b.op("Mul", x, x), b.const([-1]), keepdims=1)
+        d = b.op("Sqrt", b.op("Add", ms, b.const(qk_norm_eps, np.float32)))
+        return b.op("Mul", b.op("Div", x, d), w)
+
     q, k, v = heads("q", H), heads("k", KVH), heads("v", KVH)
+    if qk_norm_eps is not None:
+        q, k = head_norm(q, "q_norm"), head_norm(k, "k_norm")
     if R:
         c = b.op("Unsqueeze", "cos", b.const([1]))
         s = b.op("Unsqueeze", "sin", b.const([1]))
@@ -136,13 +149,28 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
     zero, one = b.const(0), b.const(1)
     rows = b.op("Unsqueeze", b.op("Add", b.op("Range", zero, s_len, one), past), b.const([1]))
     cols = b.op("Unsqueeze", b.op("Range", zero, t_len, one), b.const([0]))
-    mask = b.op("Where", b.op("Greater", cols, rows), b.const(-np.inf, np.float32), b.const(0.0, np.float32))
+    hidden = b.op("Greater", cols, rows)
+    if windowed:   # also hide key j from query i when i - j >= window > 0
+        window = _attr_int(b, "window")
+        far = b.op("GreaterOrEqual", b.op("Sub", rows, cols), window)
+        hidden = b.op("Or", hidden, b.op("And", far, b.op("Greater", window, zero)))
+    mask = b.op("Where", hidden, b.const(-np.inf, np.float32), b.const(0.0, np.float32))
     probs = b.op("Softmax", b.op("Add", scores, mask), axis=-1)
     o = b.op("Reshape", b.op("MatMul", probs, v5), b.const([0, H, -1, D]))
     b.op("Reshape", b.op("Transpose", o, perm=[0, 2, 1, 3]), b.const([0, 0, H * D]), out="out")
-    return b.function("Attention", ["q", "k", "v", "past_key", "past_value", "cos", "sin"],
+    return b.function("Attention", ["q", "k", "v", "past_key", "past_value", "cos", "sin", "q_norm", "k_norm"],
                       ["out", "present_key", "present_value"],
-                      ["num_heads", "num_kv_heads", "head_dim", "rotary_dim", "scale"])
+                      ["num_heads", "num_kv_heads", "head_dim", "rotary_dim", "scale", "window",
+                       "qk_norm_epsilon"])
+
+
+def _attr_int(b: _Body, attr: str) -> str:
+    """The calling node's integer attribute `attr` as an int64 scalar tensor."""
+    name = b._fresh("attr")
+    const = helper.make_node("Constant", [], [name])
+    const.attribute.append(helper.make_attribute_ref("value_int", onnx.AttributeProto.INT, ref_attr_name=attr))
+    b.nodes.append(const)
+    return name
 
 
 def _fp16_from_bytes(b: _Body, lo: str, hi: str) -> str:

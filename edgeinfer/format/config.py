@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 from edgeinfer.errors import ModelFormatError
 
-FAMILIES = ("opt", "llama", "mixtral", "qwen2_moe")
+FAMILIES = ("opt", "llama", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 FFN_ACTIVATIONS = ("relu", "silu", "gelu")   # the FFN activation functions a model may use
 # Refuse absurd shapes before allocating anything (hostile or corrupt manifests).
 _LIMITS = {
     "vocab_size": 1 << 22, "hidden_size": 1 << 16, "num_layers": 1024, "num_heads": 1024,
     "num_kv_heads": 1024, "head_dim": 1024, "ffn_dim": 1 << 20, "max_position_embeddings": 1 << 22,
-    "num_experts": 4096, "experts_per_token": 64, "shared_expert_ffn_dim": 1 << 20,
+    "num_experts": 4096, "sliding_window": 1 << 22, "experts_per_token": 64, "shared_expert_ffn_dim": 1 << 20,
 }
 
 
@@ -45,6 +45,9 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v biases
     output_bias: bool = False     # o_proj bias
     mlp_bias: bool = False
+    qk_norm: bool = False         # per-head RMSNorm of q and k before rotary (Qwen3)
+    sliding_window: int = 0       # > 0: attention sees the last sliding_window keys (Mistral)
+    full_attention_layers: tuple[int, ...] = ()   # layers exempt from the window (Qwen2's max_window_layers)
     num_experts: int = 0
     experts_per_token: int = 0
     norm_topk_prob: bool = True
@@ -54,6 +57,10 @@ class ModelConfig:
     pad_token_id: int | None = None
     source_architecture: str = ""
 
+    def window(self, layer: int) -> int:
+        """The attention window of `layer` (0: the whole context)."""
+        return 0 if layer in self.full_attention_layers else self.sliding_window
+
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
@@ -61,6 +68,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["full_attention_layers"] = list(self.full_attention_layers)
         return d
 
     @classmethod
@@ -74,6 +82,7 @@ class ModelConfig:
         try:
             d = dict(d)
             d["eos_token_ids"] = tuple(int(t) for t in d.get("eos_token_ids", ()))
+            d["full_attention_layers"] = tuple(int(t) for t in d.get("full_attention_layers", ()))
             cfg = cls(**d)
         except TypeError as exc:
             raise ModelFormatError(f"manifest config is incomplete: {exc}") from None
@@ -105,5 +114,8 @@ class ModelConfig:
             bad(f"rotary_dim={self.rotary_dim} must be even and <= head_dim")
         if not (0 < float(self.norm_eps) < 1):
             bad(f"norm_eps={self.norm_eps!r}")
+        if any(not 0 <= i < self.num_layers for i in self.full_attention_layers):
+            bad(f"full_attention_layers={list(self.full_attention_layers)} names layers outside "
+                f"0..{self.num_layers - 1}")
         if self.is_moe and not (0 < self.experts_per_token <= self.num_experts):
             bad("experts_per_token must be in 1..num_experts")

@@ -48,7 +48,7 @@ def apply_rotary(x, cos, sin, rotary_dim):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _attention(q, k_cache, v_cache, past_len, scale, heads_per_item, out):
+def _attention(q, k_cache, v_cache, past_len, scale, window, heads_per_item, out):
     S, H, D = q.shape
     KVH = k_cache.shape[0]
     rep = H // KVH
@@ -68,26 +68,27 @@ def _attention(q, k_cache, v_cache, past_len, scale, heads_per_item, out):
         acc = np.empty((h1 - h0, D), dtype=np.float32)
         for s in range(s0, s1):
             T = past_len + s + 1
-            for t in range(T):
+            t0 = max(0, T - window) if window > 0 else 0
+            for t in range(t0, T):
                 for h in range(h0, h1):
                     d = np.float32(0.0)
                     for i in range(D):
                         d += q[s, h, i] * k_cache[g, t, i]
                     p[h - h0, t] = d * scale
             for j in range(h1 - h0):
-                top = p[j, 0]
-                for t in range(1, T):
+                top = p[j, t0]
+                for t in range(t0 + 1, T):
                     top = max(top, p[j, t])
                 total = np.float32(0.0)
-                for t in range(T):
+                for t in range(t0, T):
                     e = np.exp(p[j, t] - top)
                     p[j, t] = e
                     total += e
                 acc[j, :] = 0.0
                 inv = np.float32(1.0) / total
-                for t in range(T):
+                for t in range(t0, T):
                     p[j, t] *= inv
-            for t in range(T):
+            for t in range(t0, T):
                 for j in range(h1 - h0):
                     w = p[j, t]
                     for i in range(D):
@@ -97,13 +98,14 @@ def _attention(q, k_cache, v_cache, past_len, scale, heads_per_item, out):
                     out[s, h0 + j, i] = acc[j, i]
 
 
-def attention(q, k_cache, v_cache, past_len, scale):
+def attention(q, k_cache, v_cache, past_len, scale, window=0):
     """Causal GQA attention -> float32 [S, H, D].
 
     q float32 [S, H, D]: the new tokens, at absolute positions past_len .. past_len+S-1.
     k_cache, v_cache float32 [KVH, T_max, D], the new tokens' keys and values already
     written at those positions. Query s attends to cache positions 0 .. past_len + s;
-    query head h reads kv head h // (H // KVH).
+    query head h reads kv head h // (H // KVH). window > 0: sliding-window attention
+    (Mistral): query i sees only keys i - window + 1 .. i, as transformers' mask does.
     """
     for name, a, nd in (("q", q, 3), ("k_cache", k_cache, 3), ("v_cache", v_cache, 3)):
         if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != nd:
@@ -114,7 +116,9 @@ def attention(q, k_cache, v_cache, past_len, scale):
         raise ValueError(f"caches must both be [KVH, T_max, {D}]; got {k_cache.shape}, {v_cache.shape}")
     if KVH == 0 or H % KVH:
         raise ValueError(f"num heads {H} is not a multiple of kv heads {KVH}")
-    past_len = int(past_len)
+    past_len, window = int(past_len), int(window)
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0: no window), got {window}")
     if past_len < 0 or past_len + S > T_max:
         raise ValueError(f"past_len {past_len} + {S} new tokens exceed the cache length {T_max}")
     out = np.empty((S, H, D), dtype=np.float32)
@@ -125,5 +129,5 @@ def attention(q, k_cache, v_cache, past_len, scale):
         items = KVH * -(-S // _QUERY_BLOCK)
         per = max(1, min(rep, rep * items // (2 * numba.get_num_threads())))
         _attention(np.ascontiguousarray(q), np.ascontiguousarray(k_cache),
-                   np.ascontiguousarray(v_cache), past_len, np.float32(scale), per, out)
+                   np.ascontiguousarray(v_cache), past_len, np.float32(scale), window, per, out)
     return out

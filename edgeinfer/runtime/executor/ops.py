@@ -157,25 +157,35 @@ def _rms_norm(node, const):
 @op("edgeinfer", "Attention")
 def _attention(node, const):
     """Causal GQA attention over the state's KV cache (the ONNX past/present
-    tensors are that cache: new keys are written in place, nothing is concatenated)."""
+    tensors are that cache: new keys are written in place, nothing is concatenated).
+    Optional inputs 7 and 8: per-head RMSNorm weights of q and k (Qwen3), applied
+    before rotary; attribute window > 0: sliding-window attention (Mistral)."""
     a = node.attrs
     H, KVH, D, R = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"]), int(a["rotary_dim"])
     scale = float(a["scale"])
+    window = int(a.get("window", 0))
     layer = past_key_layer(node.inputs[3])
     if layer is None:
         raise ModelFormatError(f"node {node.name}: past_key input must be a graph input {past_name('N', 'key')}")
+    q_norm = k_norm = None
+    if len(node.inputs) > 8 and node.inputs[7] and node.inputs[8]:
+        q_norm, k_norm = _need(const, node.inputs[7], node), _need(const, node.inputs[8], node)
+        qk_eps = float(a["qk_norm_epsilon"])
 
-    def run(state, q, k, v, _pk, _pv, cos, sin):
+    def run(state, q, k, v, _pk, _pv, cos, sin, *_norms):
         s = q.shape[0]
         q3 = q.reshape(s, H, D)
         k3 = k.reshape(s, KVH, D)
+        if q_norm is not None:
+            q3 = kernels.rms_norm(q3, q_norm, qk_eps)
+            k3 = kernels.rms_norm(k3, k_norm, qk_eps)
         if R:
             q3 = np.ascontiguousarray(q3)
             k3 = np.ascontiguousarray(k3)
             kernels.apply_rotary(q3, cos, sin, R)
             kernels.apply_rotary(k3, cos, sin, R)
         kc, vc, start = state.kv.write(layer, k3, v.reshape(s, KVH, D))
-        return kernels.attention(q3, kc, vc, start, scale).reshape(s, H * D)
+        return kernels.attention(q3, kc, vc, start, scale, window).reshape(s, H * D)
 
     return run
 
