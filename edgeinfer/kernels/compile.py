@@ -7,10 +7,19 @@ Loading a model declares which kernels its graph will call (`expect`); the estim
 sums their reference compile times, leaving out kernels whose cache files exist.
 The line is printed when the first edgeinfer kernel actually starts compiling, so a
 warm run (every kernel loaded from the cache) never prints it.
+
+At that moment a second process starts compiling the same kernels into the same cache
+in the opposite order (a model's kernels are declared in graph order, the first
+forward pass calls them in graph order): the main process compiles from the first
+layer on, the helper from the last, and each finds in the cache what the other has
+finished, so two cores share the first run. Numba writes cache files atomically; a
+kernel both happen to compile is only compiled twice.
 """
 from __future__ import annotations
 
 import os
+import pickle
+import subprocess
 import sys
 import threading
 
@@ -34,16 +43,25 @@ _DEFAULT_SECONDS = 1.0
 
 ANNOUNCEMENT = "edgeinfer: compiling kernels for this CPU (first run only, about {seconds:.0f} s)"
 
+# Set in the helper process: it compiles, it does not announce or start helpers.
+_WORKER_ENV = "EDGEINFER_COMPILE_WORKER"
+
 _lock = threading.Lock()
 _expected: dict[str, list] = {}     # kernel key -> the dispatchers whose cache files tell if it is warm
+_warm: dict[str, tuple] = {}        # kernel key -> (function, args, kwargs) that compiles it on small inputs
 _announced = False
+_worker: subprocess.Popen | None = None
 
 
-def expect(key: str, *dispatchers) -> None:
+def expect(key: str, *dispatchers, warm: tuple | None = None) -> None:
     """Declare that the loaded model will call kernel `key` (a COMPILE_SECONDS name, with an
-    optional /variant such as matmul_nbits/4) through `dispatchers`."""
+    optional /variant such as matmul_nbits/4) through `dispatchers`. warm = (function,
+    args, kwargs), picklable: a call that compiles the same specializations on small
+    inputs of the same dtypes and layouts, for the helper process."""
     with _lock:
         _expected.setdefault(key, list(dispatchers))
+        if warm is not None:
+            _warm.setdefault(key, warm)
 
 
 def _cached(dispatcher) -> bool:
@@ -67,15 +85,40 @@ def estimate_seconds() -> float:
     return total or _DEFAULT_SECONDS
 
 
+def start_worker() -> subprocess.Popen | None:
+    """Start the helper process on the declared kernels, last declared first (None: there
+    is nothing to hand over, or one core only)."""
+    global _worker
+    with _lock:
+        jobs = [job for key, job in reversed(_warm.items())
+                if not all(_cached(d) for d in _expected.get(key, ()))]
+    if _worker is not None or len(jobs) < 2 or (os.cpu_count() or 1) < 2:
+        return None
+    env = dict(os.environ, **{_WORKER_ENV: "1"})
+    try:
+        _worker = subprocess.Popen([sys.executable, "-m", "edgeinfer.kernels.compile", str(os.getpid())],
+                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env=env)
+        _worker.stdin.write(pickle.dumps(jobs))
+        _worker.stdin.close()
+    except OSError:          # no helper: the main process compiles everything, as without it
+        _worker = None
+    return _worker
+
+
 def announce(stream=None) -> bool:
-    """Print the announcement once per process; returns whether this call printed it."""
+    """Print the announcement once per process and start the helper; returns whether this
+    call printed it."""
     global _announced
     with _lock:
         if _announced:
             return False
         _announced = True
+    seconds = estimate_seconds()
+    if start_worker() is not None:
+        seconds /= 2
     stream = stream if stream is not None else sys.stderr
-    print(ANNOUNCEMENT.format(seconds=max(1.0, estimate_seconds())), file=stream, flush=True)
+    print(ANNOUNCEMENT.format(seconds=max(1.0, seconds)), file=stream, flush=True)
     return True
 
 
@@ -87,7 +130,7 @@ class _CompileListener(event.Listener):
     """Announces at the first compilation of an edgeinfer kernel (cache hits raise no event)."""
 
     def on_start(self, ev):
-        if not _announced and _is_ours(ev.data.get("dispatcher")):
+        if not _announced and not os.environ.get(_WORKER_ENV) and _is_ours(ev.data.get("dispatcher")):
             announce()
 
     def on_end(self, ev):
@@ -96,3 +139,17 @@ class _CompileListener(event.Listener):
 
 _listener = _CompileListener()
 event.register("numba:compile", _listener)
+
+
+def _run_jobs(parent: int, jobs) -> None:
+    for fn, args, kwargs in jobs:
+        if os.getppid() != parent:       # the main process is gone: stop using its CPU
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception:                # noqa: BLE001  the main process compiles what fails here
+            continue
+
+
+if __name__ == "__main__":
+    _run_jobs(int(sys.argv[1]), pickle.loads(sys.stdin.buffer.read()))

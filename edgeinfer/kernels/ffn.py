@@ -297,6 +297,19 @@ def _simd_steps_log2(layout) -> int:
 SIMD = True   # tests switch it off to compare against the plain loop
 
 
+def compile_simd(records: np.ndarray, layout, activation: str, parallel: int) -> None:
+    """Compile (or load from the cache) the SIMD FFN specialization bundled_ffn takes for
+    these records, on a few of them (kernels/compile.py's helper process)."""
+    sh = _simd_steps_log2(layout)
+    if sh < 0 or layout.bits not in (4, 8):
+        return
+    rows = np.arange(min(16, records.shape[0]), dtype=np.int64)
+    x = np.zeros((1, layout.hidden), np.float32)
+    ffn_simd_kernel(layout.bits, layout.gated, parallel)(
+        x, records, rows, rows, np.zeros(1, np.float32), False, layout.hidden, layout.q_bytes, layout.n_groups,
+        layout.group_size, layout.scale_offset, activation == "relu", 1, sh)
+
+
 def bundled_ffn(x: np.ndarray, records: np.ndarray, layout, activation: str, rows: np.ndarray | None = None,
                 neuron_ids: np.ndarray | None = None, up_bias: np.ndarray | None = None) -> np.ndarray:
     """FFN over the bundle records `records[rows]` (default: all) for x [M, d] float32.
