@@ -49,19 +49,23 @@ _WORKER_ENV = "EDGEINFER_COMPILE_WORKER"
 _lock = threading.Lock()
 _expected: dict[str, list] = {}     # kernel key -> the dispatchers whose cache files tell if it is warm
 _warm: dict[str, tuple] = {}        # kernel key -> (function, args, kwargs) that compiles it on small inputs
+_later: set[str] = set()            # kernel keys the first token does not need
 _announced = False
 _worker: subprocess.Popen | None = None
 
 
-def expect(key: str, *dispatchers, warm: tuple | None = None) -> None:
+def expect(key: str, *dispatchers, warm: tuple | None = None, later: bool = False) -> None:
     """Declare that the loaded model will call kernel `key` (a COMPILE_SECONDS name, with an
     optional /variant such as matmul_nbits/4) through `dispatchers`. warm = (function,
     args, kwargs), picklable: a call that compiles the same specializations on small
-    inputs of the same dtypes and layouts, for the helper process."""
+    inputs of the same dtypes and layouts, for the helper process. later=True: only
+    decode steps call it, so the helper compiles it after the first token's kernels."""
     with _lock:
         _expected.setdefault(key, list(dispatchers))
         if warm is not None:
             _warm.setdefault(key, warm)
+        if later:
+            _later.add(key)
 
 
 def _cached(dispatcher) -> bool:
@@ -90,8 +94,8 @@ def start_worker() -> subprocess.Popen | None:
     is nothing to hand over, or one core only)."""
     global _worker
     with _lock:
-        jobs = [job for key, job in reversed(_warm.items())
-                if not all(_cached(d) for d in _expected.get(key, ()))]
+        keys = [k for k in reversed(_warm) if k not in _later] + [k for k in _warm if k in _later]
+        jobs = [_warm[k] for k in keys if not all(_cached(d) for d in _expected.get(k, ()))]
     if _worker is not None or len(jobs) < 2 or (os.cpu_count() or 1) < 2:
         return None
     env = dict(os.environ, **{_WORKER_ENV: "1"})

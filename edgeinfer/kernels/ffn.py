@@ -297,6 +297,11 @@ def _simd_steps_log2(layout) -> int:
 SIMD = True   # tests switch it off to compare against the plain loop
 
 
+def simd_parallel(neuron_tokens: int, layout) -> int:
+    """1 where a call over this many (neuron, token) pairs runs on threads, else 0."""
+    return int(neuron_tokens * layout.hidden * layout.parts >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1)
+
+
 def compile_simd(records: np.ndarray, layout, activation: str, parallel: int) -> None:
     """Compile (or load from the cache) the SIMD FFN specialization bundled_ffn takes for
     these records, on a few of them (kernels/compile.py's helper process)."""
@@ -330,8 +335,7 @@ def bundled_ffn(x: np.ndarray, records: np.ndarray, layout, activation: str, row
     has_bias = up_bias is not None
     ub = up_bias if has_bias else np.zeros(1, np.float32)
     relu = activation == "relu"
-    work = rows.size * x.shape[0] * layout.hidden * layout.parts
-    par = int(work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1)
+    par = simd_parallel(rows.size * x.shape[0], layout)
     nchunks = max(1, min(numba.get_num_threads() * 4, rows.size // 16 or 1)) if par else 1
     if layout.bits == 16:
         recs = records.view(np.uint16)

@@ -201,7 +201,7 @@ def _attention(node, const):
 def _bundled_ffn(node, const):
     """Resident FFN over the whole bundle (streaming replaces this node; see streaming/ffn/op.py)."""
     from edgeinfer.format.bundle import BundleLayout
-    from edgeinfer.kernels.ffn import bundled_ffn, compile_simd, ffn_simd_kernel
+    from edgeinfer.kernels.ffn import bundled_ffn, compile_simd, ffn_simd_kernel, simd_parallel
 
     layout = BundleLayout.from_attrs(node.attrs)
     records = _need(const, node.inputs[1], node)
@@ -210,11 +210,12 @@ def _bundled_ffn(node, const):
     up_bias = const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
     down_bias = const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
     act = node.attrs["activation"]
-    # A prompt runs the parallel compilation, decode steps of a small layer the serial one.
-    for par in (1, 0):
+    # A prompt runs the parallel compilation; a decode step of a small layer the serial one.
+    decode_par = simd_parallel(records.shape[0], layout)
+    for par in sorted({1, decode_par}, reverse=True):
         kernel_compile.expect(f"bundled_ffn/{layout.bits}/{int(layout.gated)}/{par}",
                               ffn_simd_kernel(layout.bits, layout.gated, par),
-                              warm=(compile_simd, (records[:16], layout, act, par), {}))
+                              warm=(compile_simd, (records[:16], layout, act, par), {}), later=par != 1)
 
     def run(state, x, *_):
         y = bundled_ffn(x, records, layout, act, up_bias=up_bias)
