@@ -23,11 +23,12 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 from numba.core import event
 
-# Seconds to compile each kernel's specialization on a cold cache, measured one process
-# alone on a 2-core x86-64 host (benchmarks/cold_start.py, per-kernel numba:compile
-# events); the announcement only needs the right magnitude.
+# Approximate seconds to compile one specialization of each kernel on a cold cache, from
+# the numba:compile events of a demo run on a 2-core x86-64 host (rounded; the
+# announcement only needs the magnitude).
 COMPILE_SECONDS = {
     "matmul_nbits": 2.6,    # per distinct bits (a phase tuple of 8 // bits arrays)
     "matmul_f16": 1.5,
@@ -36,8 +37,7 @@ COMPILE_SECONDS = {
     "rms_norm": 0.3,
     "layer_norm": 0.3,
     "attention": 2.3,       # rotary + attention
-    "bundled_ffn": 2.2,
-    "moe_expert": 4.0,
+    "bundled_ffn": 2.2,     # per (bits, gated, serial or parallel)
 }
 _DEFAULT_SECONDS = 1.0
 
@@ -62,10 +62,21 @@ def expect(key: str, *dispatchers, warm: tuple | None = None, later: bool = Fals
     decode steps call it, so the helper compiles it after the first token's kernels."""
     with _lock:
         _expected.setdefault(key, list(dispatchers))
-        if warm is not None:
-            _warm.setdefault(key, warm)
+        if warm is not None and key not in _warm:
+            fn, args, kwargs = warm
+            _warm[key] = (fn, tuple(_detached(a) for a in args), kwargs)
         if later:
             _later.add(key)
+
+
+def _detached(value):
+    """A copy of a small array argument, so that this module keeps no model's weights alive;
+    read-only stays read-only (Numba types it differently, so the helper must too)."""
+    if not isinstance(value, np.ndarray):
+        return value
+    copy = value.copy()
+    copy.flags.writeable = value.flags.writeable
+    return copy
 
 
 def _cached(dispatcher) -> bool:
