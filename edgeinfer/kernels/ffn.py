@@ -10,6 +10,8 @@ conflicts), summed at the end. float16 scales/weights are decoded through a
 """
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -141,75 +143,88 @@ def _ffn_quant(x, records, rows, nids, up_bias, has_bias, d, qb, ng, gs, so, bit
     return y
 
 
-def _ffn_simd(x, records, rows, nids, up_bias, has_bias, d, qb, ng, gs, so, bits, gated, relu, nchunks, sh):
+def _make_ffn_simd(bits, gated, parallel):
     """_ffn_quant through the explicit-SIMD record intrinsics (kernels/_simd_bundle.py);
-    for layouts whose parts are whole 16-byte steps and whose blocks span 2**sh steps."""
-    M = x.shape[0]
-    m = rows.size
+    for layouts whose parts are whole 16-byte steps and whose blocks span 2**sh steps.
+
+    bits and gated are closure constants, not arguments: Numba prunes the branches they
+    decide before typing, so a model compiles only its own intrinsics (a quarter of the
+    code, a quarter of the first-run compile time). Numba's cache keys a closure by its
+    cell values, so each (bits, gated) has its own cache entry."""
     P = 8 // bits
-    dp = d // P
-    nsteps = qb // 16
     zp = np.float32(2 ** (bits - 1))
-    xph = np.empty((M, P, dp), np.float32)
-    xcorr = np.empty((M, ng), np.float32)
-    for t in range(M):
-        for j in range(dp):
-            for f in range(P):
-                xph[t, f, j] = x[t, P * j + f]
-        for k in range(ng):
-            s = np.float32(0.0)
-            for j in range(gs):
-                s += x[t, k * gs + j]
-            xcorr[t, k] = -zp * s
-    parts = np.zeros((nchunks, M, P, dp), np.float32)
-    pcorr = np.zeros((nchunks, M, ng), np.float32)
-    per = (m + nchunks - 1) // nchunks
-    sstride = 2 * ng
-    for c in prange(nchunks):
-        for ii in range(c * per, min(m, (c + 1) * per)):
-            r = rows[ii]
-            for t in range(M):
-                if gated:
-                    if bits == 4:
-                        g = bdot4(records, r, 0, nsteps, so, sh, xph[t], xcorr[t])
-                    else:
-                        g = bdot8(records, r, 0, nsteps, so, sh, xph[t], xcorr[t])
-                    a = _act(g, relu)
-                    if a == 0.0:
-                        continue
-                    if bits == 4:
-                        u = bdot4(records, r, qb, nsteps, so + sstride, sh, xph[t], xcorr[t])
-                    else:
-                        u = bdot8(records, r, qb, nsteps, so + sstride, sh, xph[t], xcorr[t])
-                    h = np.float32(a * u)
-                    j = 2
-                else:
-                    if bits == 4:
-                        u = bdot4(records, r, 0, nsteps, so, sh, xph[t], xcorr[t])
-                    else:
-                        u = bdot8(records, r, 0, nsteps, so, sh, xph[t], xcorr[t])
-                    if has_bias:
-                        u += up_bias[nids[ii]]
-                    h = np.float32(_act(u, relu))
-                    j = 1
-                if h != 0.0:
-                    if bits == 4:
-                        baxpy4(records, r, j * qb, nsteps, so + j * sstride, sh, h, parts[c, t], pcorr[c, t])
-                    else:
-                        baxpy8(records, r, j * qb, nsteps, so + j * sstride, sh, h, parts[c, t], pcorr[c, t])
-    y = np.zeros((M, d), np.float32)
-    for t in range(M):
-        for c in range(nchunks):
+
+    def ffn_simd(x, records, rows, nids, up_bias, has_bias, d, qb, ng, gs, so, relu, nchunks, sh):
+        # `parallel` is read here so that it is a cell too: the serial and the parallel
+        # compilation are then two cache entries, not one overwriting the other.
+        if not parallel:
+            nchunks = 1
+        M = x.shape[0]
+        m = rows.size
+        dp = d // P
+        nsteps = qb // 16
+        xph = np.empty((M, P, dp), np.float32)
+        xcorr = np.empty((M, ng), np.float32)
+        for t in range(M):
             for j in range(dp):
                 for f in range(P):
-                    y[t, P * j + f] += parts[c, t, f, j]
-        for k in range(ng):
-            s = np.float32(0.0)
+                    xph[t, f, j] = x[t, P * j + f]
+            for k in range(ng):
+                s = np.float32(0.0)
+                for j in range(gs):
+                    s += x[t, k * gs + j]
+                xcorr[t, k] = -zp * s
+        parts = np.zeros((nchunks, M, P, dp), np.float32)
+        pcorr = np.zeros((nchunks, M, ng), np.float32)
+        per = (m + nchunks - 1) // nchunks
+        sstride = 2 * ng
+        for c in prange(nchunks):
+            for ii in range(c * per, min(m, (c + 1) * per)):
+                r = rows[ii]
+                for t in range(M):
+                    if gated:
+                        if bits == 4:
+                            g = bdot4(records, r, 0, nsteps, so, sh, xph[t], xcorr[t])
+                        else:
+                            g = bdot8(records, r, 0, nsteps, so, sh, xph[t], xcorr[t])
+                        a = _act(g, relu)
+                        if a == 0.0:
+                            continue
+                        if bits == 4:
+                            u = bdot4(records, r, qb, nsteps, so + sstride, sh, xph[t], xcorr[t])
+                        else:
+                            u = bdot8(records, r, qb, nsteps, so + sstride, sh, xph[t], xcorr[t])
+                        h = np.float32(a * u)
+                        j = 2
+                    else:
+                        if bits == 4:
+                            u = bdot4(records, r, 0, nsteps, so, sh, xph[t], xcorr[t])
+                        else:
+                            u = bdot8(records, r, 0, nsteps, so, sh, xph[t], xcorr[t])
+                        if has_bias:
+                            u += up_bias[nids[ii]]
+                        h = np.float32(_act(u, relu))
+                        j = 1
+                    if h != 0.0:
+                        if bits == 4:
+                            baxpy4(records, r, j * qb, nsteps, so + j * sstride, sh, h, parts[c, t], pcorr[c, t])
+                        else:
+                            baxpy8(records, r, j * qb, nsteps, so + j * sstride, sh, h, parts[c, t], pcorr[c, t])
+        y = np.zeros((M, d), np.float32)
+        for t in range(M):
             for c in range(nchunks):
-                s += pcorr[c, t, k]
-            for j in range(gs):
-                y[t, k * gs + j] -= zp * s
-    return y
+                for j in range(dp):
+                    for f in range(P):
+                        y[t, P * j + f] += parts[c, t, f, j]
+            for k in range(ng):
+                s = np.float32(0.0)
+                for c in range(nchunks):
+                    s += pcorr[c, t, k]
+                for j in range(gs):
+                    y[t, k * gs + j] -= zp * s
+        return y
+
+    return njit(parallel=bool(parallel), cache=True, fastmath=True, nogil=True)(ffn_simd)
 
 
 def _ffn_f16(x, records, rows, nids, up_bias, has_bias, d, gated, relu, nchunks, half):
@@ -257,11 +272,15 @@ def _ffn_f16(x, records, rows, nids, up_bias, has_bias, d, gated, relu, nchunks,
 # nogil: a streamed layer computes its cached neurons while another thread reads the missing ones
 _QUANT = (njit(cache=True, fastmath=True, nogil=True)(_ffn_quant),
           njit(parallel=True, cache=True, fastmath=True, nogil=True)(_ffn_quant))
-_SIMD = (njit(cache=True, fastmath=True, nogil=True)(_ffn_simd),
-         njit(parallel=True, cache=True, fastmath=True, nogil=True)(_ffn_simd))
 _F16 = (njit(cache=True, fastmath=True, nogil=True)(_ffn_f16),
         njit(parallel=True, cache=True, fastmath=True, nogil=True)(_ffn_f16))
 PARALLEL_MIN_WORK = 1 << 21   # multiply-adds
+
+
+@functools.lru_cache(maxsize=None)
+def ffn_simd_kernel(bits: int, gated: bool, parallel: int):
+    """The SIMD FFN dispatcher for one (bits, gated) and serial (0) or parallel (1)."""
+    return _make_ffn_simd(bits, bool(gated), parallel)
 
 
 def _simd_steps_log2(layout) -> int:
@@ -276,6 +295,24 @@ def _simd_steps_log2(layout) -> int:
 
 
 SIMD = True   # tests switch it off to compare against the plain loop
+
+
+def simd_parallel(neuron_tokens: int, layout) -> int:
+    """1 where a call over this many (neuron, token) pairs runs on threads, else 0."""
+    return int(neuron_tokens * layout.hidden * layout.parts >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1)
+
+
+def compile_simd(records: np.ndarray, layout, activation: str, parallel: int) -> None:
+    """Compile (or load from the cache) the SIMD FFN specialization bundled_ffn takes for
+    these records, on a few of them (kernels/compile.py's helper process)."""
+    sh = _simd_steps_log2(layout)
+    if sh < 0 or layout.bits not in (4, 8):
+        return
+    rows = np.arange(min(16, records.shape[0]), dtype=np.int64)
+    x = np.zeros((1, layout.hidden), np.float32)
+    ffn_simd_kernel(layout.bits, layout.gated, parallel)(
+        x, records, rows, rows, np.zeros(1, np.float32), False, layout.hidden, layout.q_bytes, layout.n_groups,
+        layout.group_size, layout.scale_offset, activation == "relu", 1, sh)
 
 
 def bundled_ffn(x: np.ndarray, records: np.ndarray, layout, activation: str, rows: np.ndarray | None = None,
@@ -298,16 +335,16 @@ def bundled_ffn(x: np.ndarray, records: np.ndarray, layout, activation: str, row
     has_bias = up_bias is not None
     ub = up_bias if has_bias else np.zeros(1, np.float32)
     relu = activation == "relu"
-    work = rows.size * x.shape[0] * layout.hidden * layout.parts
-    par = int(work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1)
+    par = simd_parallel(rows.size * x.shape[0], layout)
     nchunks = max(1, min(numba.get_num_threads() * 4, rows.size // 16 or 1)) if par else 1
     if layout.bits == 16:
         recs = records.view(np.uint16)
         return _F16[par](x, recs, rows, nids, ub, has_bias, layout.hidden, layout.gated, relu, nchunks, HALF)
     sh = _simd_steps_log2(layout)
     if sh >= 0:
-        return _SIMD[par](x, records, rows, nids, ub, has_bias, layout.hidden, layout.q_bytes, layout.n_groups,
-                          layout.group_size, layout.scale_offset, layout.bits, layout.gated, relu, nchunks, sh)
+        kernel = ffn_simd_kernel(layout.bits, layout.gated, par)
+        return kernel(x, records, rows, nids, ub, has_bias, layout.hidden, layout.q_bytes, layout.n_groups,
+                      layout.group_size, layout.scale_offset, relu, nchunks, sh)
     return _QUANT[par](x, records, rows, nids, ub, has_bias, layout.hidden, layout.q_bytes, layout.n_groups,
                       layout.group_size, layout.scale_offset, layout.bits, layout.gated, relu, nchunks, HALF)
 

@@ -71,47 +71,49 @@ def _padded(shape, dtype):
 @njit(parallel=True, cache=True)
 def _matmul_fused(xs, xcorr, packed, scales, sh, long_rows, m_block, out):
     """out[m, n] = sum_k x[m, k] * deq(W)[n, k]; xs = x split into P phase arrays,
-    xcorr the zero point's share per block (see _split_activations)."""
+    xcorr the zero point's share per block (see _split_activations).
+
+    One prange per path: Numba compiles every parallel loop as a separate gufunc with
+    its own copy of the inlined intrinsics, which made the first-run compile time
+    grow with the number of loops; the ragged ends (N % 4, N % 2) are handled inside
+    the loop's last item instead, by the same intrinsics as before."""
     M, N = out.shape
     steps = packed.shape[1] * packed.shape[2] // W
     if M == 1:
-        start = 0
-        if long_rows:
-            for t in prange(N // 4):
-                n = 4 * t
+        g = 4 if long_rows else 1
+        for t in prange((N + g - 1) // g):
+            n = g * t
+            if g == 4 and n + 4 <= N:
                 o = qdot_4x1(packed, n, xs, 0, scales, xcorr, 0, steps, sh)
                 out[0, n] = o[0]
                 out[0, n + 1] = o[1]
                 out[0, n + 2] = o[2]
                 out[0, n + 3] = o[3]
-            start = N - N % 4
-        for n in prange(start, N):
-            out[0, n] = qdot_1x1(packed, n, xs, 0, scales, xcorr, 0, steps, sh)[0]
+            else:
+                for c in range(n, min(N, n + g)):
+                    out[0, c] = qdot_1x1(packed, c, xs, 0, scales, xcorr, 0, steps, sh)[0]
     else:
         for m0 in range(0, M, m_block):
             m1 = min(M, m0 + m_block)
-            for t in prange(N // 2):
+            for t in prange((N + 1) // 2):
                 n = 2 * t
                 m = m0
-                while m + 8 <= m1:
-                    o = qgemm_2x8(packed, n, xs, m, scales, 0, steps, sh)
-                    for i in range(8):
-                        out[m + i, n] = o[i]
-                        out[m + i, n + 1] = o[8 + i]
-                    m += 8
-                if m + 4 <= m1:
-                    o = qgemm_2x4(packed, n, xs, m, scales, 0, steps, sh)
-                    for i in range(4):
-                        out[m + i, n] = o[i]
-                        out[m + i, n + 1] = o[4 + i]
-                    m += 4
-                while m < m1:
-                    out[m, n] = qdot_1x1(packed, n, xs, m, scales, xcorr, 0, steps, sh)[0]
-                    out[m, n + 1] = qdot_1x1(packed, n + 1, xs, m, scales, xcorr, 0, steps, sh)[0]
-                    m += 1
-            if N % 2:
-                for m in prange(m0, m1):
-                    out[m, N - 1] = qdot_1x1(packed, N - 1, xs, m, scales, xcorr, 0, steps, sh)[0]
+                if n + 2 <= N:
+                    while m + 8 <= m1:
+                        o = qgemm_2x8(packed, n, xs, m, scales, 0, steps, sh)
+                        for i in range(8):
+                            out[m + i, n] = o[i]
+                            out[m + i, n + 1] = o[8 + i]
+                        m += 8
+                    if m + 4 <= m1:
+                        o = qgemm_2x4(packed, n, xs, m, scales, 0, steps, sh)
+                        for i in range(4):
+                            out[m + i, n] = o[i]
+                            out[m + i, n + 1] = o[4 + i]
+                        m += 4
+                for c in range(n, min(N, n + 2)):
+                    for r in range(m, m1):
+                        out[r, c] = qdot_1x1(packed, c, xs, r, scales, xcorr, 0, steps, sh)[0]
 
 
 @njit(cache=True)

@@ -18,7 +18,9 @@ from onnx import helper
 from edgeinfer import kernels
 from edgeinfer.errors import ModelFormatError
 from edgeinfer.format.constants import past_key_layer, past_name
-from edgeinfer.kernels import dequant
+from edgeinfer.kernels import dequant, norm, quant
+from edgeinfer.kernels import compile as kernel_compile
+from edgeinfer.kernels.attention import _attention as attention_kernel
 
 OPS: dict[tuple[str, str], callable] = {}
 
@@ -79,6 +81,8 @@ def _layer_norm(node, const):
         raise ModelFormatError(f"node {node.name}: LayerNormalization only over the last axis")
     w, b = _need(const, node.inputs[1], node), _need(const, node.inputs[2], node)
     eps = float(node.attrs.get("epsilon", 1e-5))
+    kernel_compile.expect("layer_norm", norm._layer_rows,
+                          warm=(kernels.layer_norm, (np.zeros((1, w.size), np.float32), w, b, eps), {}))
     return lambda state, x, _w, _b: kernels.layer_norm(x, w, b, eps)
 
 
@@ -115,6 +119,10 @@ def _matmul_nbits(node, const, options):
     scales = _need(const, node.inputs[2], node).reshape(n, nb)
     # activations="int8" where this node supports it; the executor warns about the rest.
     int8 = options.activations == "int8" and int8_unsupported(node) is None
+    kernel_compile.expect(f"matmul_nbits/{bits}{'/int8' if int8 else ''}",
+                          quant._matmul_int8act if int8 else quant._matmul_fused,
+                          warm=(kernels.matmul_nbits, (np.zeros((1, k), np.float32), packed[:2], scales[:2], bits,
+                                                       block), {"int8_activations": int8}))
 
     def run(state, x, _p, _s):
         if not int8 and x.shape[0] >= dequant.BLAS_MATMUL_MIN_ROWS:
@@ -129,6 +137,8 @@ def _matmul_nbits(node, const, options):
 @op("edgeinfer", "MatMulF16")
 def _matmul_f16(node, const):
     w = _need(const, node.inputs[1], node)
+    kernel_compile.expect("matmul_f16", quant._matmul_h,
+                          warm=(kernels.matmul_f16, (np.zeros((1, w.shape[1]), np.float32), w[:2]), {}))
 
     def run(state, x, _w):
         if x.shape[0] >= dequant.BLAS_MATMUL_MIN_ROWS:
@@ -144,6 +154,8 @@ def _gather_nbits(node, const):
     bits, block = int(a["bits"]), int(a["block_size"])
     packed = _need(const, node.inputs[0], node)
     scales = _need(const, node.inputs[1], node).reshape(packed.shape[0], packed.shape[1])
+    kernel_compile.expect("gather_nbits", quant._dequant_rows,
+                          warm=(kernels.gather_nbits, (packed[:2], scales[:2], np.zeros(1, np.int64), bits, block), {}))
     return lambda state, _p, _s, ids: kernels.gather_nbits(packed, scales, ids, bits, block)
 
 
@@ -151,6 +163,8 @@ def _gather_nbits(node, const):
 def _rms_norm(node, const):
     w = _need(const, node.inputs[1], node)
     eps = float(node.attrs["epsilon"])
+    kernel_compile.expect("rms_norm", norm._rms_rows,
+                          warm=(kernels.rms_norm, (np.zeros((1, w.size), np.float32), w, eps), {}))
     return lambda state, x, _w: kernels.rms_norm(x, w, eps)
 
 
@@ -164,6 +178,9 @@ def _attention(node, const):
     H, KVH, D, R = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"]), int(a["rotary_dim"])
     scale = float(a["scale"])
     window = int(a.get("window", 0))
+    kernel_compile.expect("attention", attention_kernel,
+                          warm=(kernels.attention, (np.zeros((1, H, D), np.float32), np.zeros((KVH, 1, D), np.float32),
+                                                    np.zeros((KVH, 1, D), np.float32), 0, scale), {}))
     layer = past_key_layer(node.inputs[3])
     if layer is None:
         raise ModelFormatError(f"node {node.name}: past_key input must be a graph input {past_name('N', 'key')}")
@@ -194,7 +211,7 @@ def _attention(node, const):
 def _bundled_ffn(node, const):
     """Resident FFN over the whole bundle (streaming replaces this node; see streaming/ffn/op.py)."""
     from edgeinfer.format.bundle import BundleLayout
-    from edgeinfer.kernels.ffn import bundled_ffn
+    from edgeinfer.kernels.ffn import bundled_ffn, compile_simd, ffn_simd_kernel, simd_parallel
 
     layout = BundleLayout.from_attrs(node.attrs)
     records = _need(const, node.inputs[1], node)
@@ -203,6 +220,12 @@ def _bundled_ffn(node, const):
     up_bias = const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
     down_bias = const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
     act = node.attrs["activation"]
+    # A prompt runs the parallel compilation; a decode step of a small layer the serial one.
+    decode_par = simd_parallel(records.shape[0], layout)
+    for par in sorted({1, decode_par}, reverse=True):
+        kernel_compile.expect(f"bundled_ffn/{layout.bits}/{int(layout.gated)}/{par}",
+                              ffn_simd_kernel(layout.bits, layout.gated, par),
+                              warm=(compile_simd, (records[:16], layout, act, par), {}), later=par != 1)
 
     def run(state, x, *_):
         y = bundled_ffn(x, records, layout, act, up_bias=up_bias)
