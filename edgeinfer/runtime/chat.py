@@ -90,13 +90,7 @@ class ChatSession:
         if stream:
             self._open = steps
             return steps
-        seen: list[GenerationStep] = []
-        try:
-            for step in steps:
-                seen.append(step)
-        except KeyboardInterrupt:
-            return GenerationResult.from_steps(seen, "interrupted")
-        return seen[-1].result
+        return GenerationResult.collect(steps)
 
     def _prompt_ids(self) -> list[int]:
         text = self.template.render(self.messages, add_generation_prompt=True)

@@ -60,6 +60,18 @@ class GenerationResult:
                    ttft_s=steps[0].seconds if steps else 0.0,
                    decode_s=tuple(s.seconds for s in steps[1:]))
 
+    @classmethod
+    def collect(cls, steps: Iterable[GenerationStep]) -> GenerationResult:
+        """Run `steps` to the end and return the call's result; Ctrl-C returns the result so
+        far with finish_reason "interrupted"."""
+        seen: list[GenerationStep] = []
+        try:
+            for step in steps:
+                seen.append(step)
+        except KeyboardInterrupt:
+            return cls.from_steps(seen, "interrupted")
+        return seen[-1].result
+
 
 @dataclass(frozen=True)
 class GenerationStep:

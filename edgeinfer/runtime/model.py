@@ -96,13 +96,7 @@ class Model:
         steps = stream_generate(self, prompt, cfg)
         if stream:
             return steps
-        seen: list[GenerationStep] = []
-        try:
-            for step in steps:
-                seen.append(step)
-        except KeyboardInterrupt:
-            return GenerationResult.from_steps(seen, "interrupted")
-        return seen[-1].result
+        return GenerationResult.collect(steps)
 
     @cached_property
     def chat_template(self):
